@@ -1,0 +1,99 @@
+"""The signatures of rlprim's extension points, as ``typing.Protocol`` s.
+
+Any plain function (or lambda) with the matching signature satisfies a protocol; nothing needs
+to inherit from these. They exist to document, and let type checkers verify, what a replacement
+passed as ``reward_fn=``, ``kl_fn=``, ``generator=``, ``advantage_fn=``, ``loss_fn=``,
+``ref_model_update_fn=`` (and so on) must look like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from rlprim.types import AlgorithmConfig, Batch, Generation, GenerationConfig, Rollout
+
+__all__ = [
+    "RewardFn",
+    "Aggregator",
+    "KLFn",
+    "Generator",
+    "AdvantageFn",
+    "LossFn",
+    "RefModelUpdateFn",
+]
+
+
+class RewardFn(Protocol):
+    """``reward_fn(rollout) -> float | Sequence[float]``: score one rollout.
+
+    Return a float for a scalar reward or a sequence of floats for a vector reward (reduce it
+    with an ``Aggregator``). Adapt TRL-style batch functions with ``from_trl_reward_fn``.
+    """
+
+    def __call__(self, rollout: Rollout) -> float | Sequence[float]: ...
+
+
+class Aggregator(Protocol):
+    """``aggregator(vectors [B, K]) -> rewards [B]``: reduce vector rewards to scalars."""
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor: ...
+
+
+class KLFn(Protocol):
+    """``kl_fn(logprobs [B, T], ref_logprobs [B, T]) -> per-token KL [B, T]``.
+
+    Both inputs are log-probs of the *sampled* tokens (sampled from the policy); the result is a
+    per-token estimate, masked and reduced by the caller.
+    """
+
+    def __call__(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor: ...
+
+
+class Generator(Protocol):
+    """``generator(model, tokenizer, prompts, config) -> list[Generation]``.
+
+    Returns ``len(prompts) * config.num_samples`` generations, the samples of each prompt
+    consecutive, each with its prompt ids, sampled token ids, per-token sampling log-probs under
+    ``softmax(logits / config.temperature)`` and a ``finish_reason``. A generator backed by an
+    external engine (e.g. vLLM) receives the engine as ``model``.
+    """
+
+    def __call__(
+        self, model: Any, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig
+    ) -> list[Generation]: ...
+
+
+class AdvantageFn(Protocol):
+    """``advantage_fn(rewards [B], config, **extras) -> advantages [B] or [B, Tc]``.
+
+    ``extras`` may hold ``group_size`` (int), ``mask`` ``[B, Tc]``, ``values`` ``[B, Tc]`` and
+    ``kl`` ``[B, Tc]`` for algorithms that need them.
+    """
+
+    def __call__(
+        self, rewards: torch.Tensor, config: AlgorithmConfig, **extras: Any
+    ) -> torch.Tensor: ...
+
+
+class LossFn(Protocol):
+    """``loss_fn(batch, new_logprobs [B, Tc], config, **extras) -> (loss, metrics)``.
+
+    ``loss`` is a differentiable scalar; ``metrics`` maps names to floats. ``extras`` may hold
+    ``entropy`` ``[B, Tc]`` and ``new_values`` ``[B, Tc]``.
+    """
+
+    def __call__(
+        self, batch: Batch, new_logprobs: torch.Tensor, config: AlgorithmConfig, **extras: Any
+    ) -> tuple[torch.Tensor, Mapping[str, float]]: ...
+
+
+class RefModelUpdateFn(Protocol):
+    """``update_fn(ref_model, policy, step) -> ref_model``: refresh the reference model.
+
+    Pure in its inputs: whatever it decides depends on ``step``, never on hidden counters.
+    """
+
+    def __call__(self, ref_model: Any, policy: Any, step: int) -> Any: ...
