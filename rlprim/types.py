@@ -247,9 +247,12 @@ class AlgorithmConfig(NamedTuple):
       reinforce_baseline: ``"none"``, ``"group"`` or ``"batch"`` mean baseline for REINFORCE.
       beta: DPO temperature β. dpo_loss_type: ``"sigmoid"``, ``"ipo"`` or ``"hinge"``.
       filter_groups: drop groups whose rewards are all equal (DAPO dynamic sampling).
-      overlong_buffer_len / overlong_penalty: DAPO soft overlong punishment: completions within
-        ``overlong_buffer_len`` tokens of ``max_response_len`` lose up to ``overlong_penalty``.
-      max_response_len: the completion length cap used by overlong shaping.
+      overlong_shaping: apply DAPO's soft overlong punishment to rewards.
+      overlong_buffer_len / overlong_penalty: completions within ``overlong_buffer_len`` tokens
+        of ``max_response_len`` lose up to ``overlong_penalty`` (``None``: a fifth of
+        ``max_response_len``, DAPO's 4096 of 20480).
+      max_response_len: the completion length cap of overlong shaping (``None``: the
+        generation config's ``max_new_tokens``).
       tis_cap: truncated importance-sampling cap ``C`` for engine/trainer mismatch (``None``
         disables it).
     """
@@ -279,6 +282,7 @@ class AlgorithmConfig(NamedTuple):
     beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
     filter_groups: bool = False
+    overlong_shaping: bool = False
     overlong_buffer_len: Optional[int] = None
     overlong_penalty: float = 1.0
     max_response_len: Optional[int] = None
@@ -293,14 +297,17 @@ class Algorithm(NamedTuple):
         (see ``rlprim.protocols.AdvantageFn``).
       loss_fn: ``fn(batch, new_logprobs [B, Tc], config, **extras) -> (loss, metrics)``
         (see ``rlprim.protocols.LossFn``).
-      needs_ref: whether the loss or reward needs reference log-probs (when ``kl_coef > 0``).
+      needs_ref: whether the algorithm needs reference log-probs even when ``kl_coef == 0``
+        (DPO); any algorithm needs them when ``kl_coef > 0``.
       needs_value: whether the algorithm trains a critic.
+      defaults: the algorithm's published hyper-parameters, as ``AlgorithmConfig`` field values.
     """
 
     advantage_fn: Any
     loss_fn: Any
     needs_ref: bool = False
     needs_value: bool = False
+    defaults: Mapping[str, Any] = {}
 
 
 class TrainingState(NamedTuple):
