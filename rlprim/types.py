@@ -13,7 +13,7 @@ return a new ``TrainingState`` (``step + 1``, new statistics).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -51,10 +51,10 @@ class ModelConfig(NamedTuple):
     name_or_path: str
     dtype: str = "float32"
     device: str = "cpu"
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False
-    lora: Optional[Mapping[str, Any]] = None
-    attn_implementation: Optional[str] = None
+    lora: Mapping[str, Any] | None = None
+    attn_implementation: str | None = None
 
 
 class GenerationConfig(NamedTuple):
@@ -81,9 +81,9 @@ class GenerationConfig(NamedTuple):
     top_k: int = 0
     num_samples: int = 1
     stop: Sequence[str] = ()
-    seed: Optional[int] = None
+    seed: int | None = None
     do_sample: bool = True
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
 
 
 class ToolCall(NamedTuple):
@@ -99,8 +99,8 @@ class ToolCall(NamedTuple):
 
     name: str
     arguments: Mapping[str, Any] = {}
-    result: Optional[str] = None
-    error: Optional[str] = None
+    result: str | None = None
+    error: str | None = None
 
 
 class Message(NamedTuple):
@@ -116,7 +116,7 @@ class Message(NamedTuple):
     role: str
     content: str
     tool_calls: Sequence[ToolCall] = ()
-    name: Optional[str] = None
+    name: str | None = None
 
 
 class Conversation(NamedTuple):
@@ -140,7 +140,7 @@ class Generation(NamedTuple):
     text: str
     prompt_ids: Sequence[int] = ()
     token_ids: Sequence[int] = ()
-    logprobs: Optional[Sequence[float]] = None
+    logprobs: Sequence[float] | None = None
     finish_reason: str = "length"
 
 
@@ -168,16 +168,16 @@ class Rollout(NamedTuple):
 
     prompt: str
     generation: Generation
-    rewards: Optional[float | Sequence[float]] = None
-    kl_divergence: Optional[float] = None
+    rewards: float | Sequence[float] | None = None
+    kl_divergence: float | None = None
     tool_calls: Sequence[ToolCall] = ()
     group_id: int = 0
-    metadata: Optional[Mapping[str, Any]] = None
-    completion_ids: Optional[Sequence[int]] = None
-    action_mask: Optional[Sequence[int]] = None
-    logprobs: Optional[Sequence[float]] = None
-    ref_logprobs: Optional[Sequence[float]] = None
-    conversation: Optional[Conversation] = None
+    metadata: Mapping[str, Any] | None = None
+    completion_ids: Sequence[int] | None = None
+    action_mask: Sequence[int] | None = None
+    logprobs: Sequence[float] | None = None
+    ref_logprobs: Sequence[float] | None = None
+    conversation: Conversation | None = None
 
 
 class Batch(NamedTuple):
@@ -204,14 +204,14 @@ class Batch(NamedTuple):
     completion_ids: torch.Tensor
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
-    old_logprobs: Optional[torch.Tensor] = None
-    ref_logprobs: Optional[torch.Tensor] = None
-    advantages: Optional[torch.Tensor] = None
-    returns: Optional[torch.Tensor] = None
-    values: Optional[torch.Tensor] = None
-    rewards: Optional[torch.Tensor] = None
-    group_ids: Optional[torch.Tensor] = None
-    engine_logprobs: Optional[torch.Tensor] = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
 
 
 class AlgorithmConfig(NamedTuple):
@@ -260,21 +260,21 @@ class AlgorithmConfig(NamedTuple):
     name: str = "grpo"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
-    dual_clip_c: Optional[float] = None
+    dual_clip_c: float | None = None
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_in_reward: bool = False
     loss_agg_mode: str = "token-mean"
-    norm_length: Optional[int] = None
+    norm_length: int | None = None
     entropy_coef: float = 0.0
     gamma: float = 1.0
     gae_lambda: float = 1.0
     value_coef: float = 0.5
-    value_clip: Optional[float] = 0.2
+    value_clip: float | None = 0.2
     num_epochs: int = 1
-    minibatch_size: Optional[int] = None
-    micro_batch_size: Optional[int] = None
-    max_grad_norm: Optional[float] = 1.0
+    minibatch_size: int | None = None
+    micro_batch_size: int | None = None
+    max_grad_norm: float | None = 1.0
     scale_rewards: str = "group"
     adv_eps: float = 1e-4
     whiten_advantages: bool = False
@@ -283,10 +283,10 @@ class AlgorithmConfig(NamedTuple):
     dpo_loss_type: str = "sigmoid"
     filter_groups: bool = False
     overlong_shaping: bool = False
-    overlong_buffer_len: Optional[int] = None
+    overlong_buffer_len: int | None = None
     overlong_penalty: float = 1.0
-    max_response_len: Optional[int] = None
-    tis_cap: Optional[float] = None
+    max_response_len: int | None = None
+    tis_cap: float | None = None
 
 
 class Algorithm(NamedTuple):
@@ -335,11 +335,11 @@ class TrainingState(NamedTuple):
     value_model: Any = None
     step: int = 0
     kl_coef: float = 0.0
-    rng_state: Optional[Mapping[str, Any]] = None
+    rng_state: Mapping[str, Any] | None = None
     config: Any = None
     scheduler: Any = None
     iteration: int = 0
-    loader_state: Optional[Mapping[str, Any]] = None
+    loader_state: Mapping[str, Any] | None = None
 
 
 class TrainingStats(NamedTuple):
@@ -379,4 +379,4 @@ class TrainingStats(NamedTuple):
     time_generate: float = 0.0
     time_reference: float = 0.0
     time_train: float = 0.0
-    extra: Optional[Mapping[str, float]] = None
+    extra: Mapping[str, float] | None = None
