@@ -10,6 +10,7 @@ from rlprim import kl as _kl
 from rlprim import losses as _losses
 from rlprim import protocols as _protocols
 from rlprim import rewards as _rewards
+from rlprim import tools as _tools
 from rlprim import types as _types
 from rlprim.advantages import *  # noqa: F401,F403
 from rlprim.algorithms import *  # noqa: F401,F403
@@ -17,6 +18,7 @@ from rlprim.kl import *  # noqa: F401,F403
 from rlprim.losses import *  # noqa: F401,F403
 from rlprim.protocols import *  # noqa: F401,F403
 from rlprim.rewards import *  # noqa: F401,F403
+from rlprim.tools import *  # noqa: F401,F403
 from rlprim.types import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
@@ -29,4 +31,5 @@ __all__ = [
     *_losses.__all__,
     *_rewards.__all__,
     *_algorithms.__all__,
+    *_tools.__all__,
 ]
