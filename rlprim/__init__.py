@@ -6,17 +6,27 @@ Import it flat: ``import rlprim as rp``; every public name lives at the top leve
 
 from rlprim import advantages as _advantages
 from rlprim import algorithms as _algorithms
+from rlprim import critic as _critic
+from rlprim import data as _data
+from rlprim import inference as _inference
 from rlprim import kl as _kl
+from rlprim import logging as _logging
 from rlprim import losses as _losses
 from rlprim import protocols as _protocols
+from rlprim import reward_models as _reward_models
 from rlprim import rewards as _rewards
 from rlprim import tools as _tools
 from rlprim import types as _types
 from rlprim.advantages import *  # noqa: F401,F403
 from rlprim.algorithms import *  # noqa: F401,F403
+from rlprim.critic import *  # noqa: F401,F403
+from rlprim.data import *  # noqa: F401,F403
+from rlprim.inference import *  # noqa: F401,F403
 from rlprim.kl import *  # noqa: F401,F403
+from rlprim.logging import *  # noqa: F401,F403
 from rlprim.losses import *  # noqa: F401,F403
 from rlprim.protocols import *  # noqa: F401,F403
+from rlprim.reward_models import *  # noqa: F401,F403
 from rlprim.rewards import *  # noqa: F401,F403
 from rlprim.tools import *  # noqa: F401,F403
 from rlprim.types import *  # noqa: F401,F403
@@ -30,6 +40,11 @@ __all__ = [
     *_kl.__all__,
     *_losses.__all__,
     *_rewards.__all__,
+    *_reward_models.__all__,
     *_algorithms.__all__,
+    *_inference.__all__,
     *_tools.__all__,
+    *_critic.__all__,
+    *_data.__all__,
+    *_logging.__all__,
 ]

@@ -13,7 +13,15 @@ from typing import Any, Protocol
 
 import torch
 
-from rlprim.types import AlgorithmConfig, Batch, Generation, GenerationConfig, Rollout
+from rlprim.types import (
+    AlgorithmConfig,
+    Batch,
+    Generation,
+    GenerationConfig,
+    Rollout,
+    TrainingState,
+    TrainingStats,
+)
 
 __all__ = [
     "RewardFn",
@@ -23,6 +31,11 @@ __all__ = [
     "AdvantageFn",
     "LossFn",
     "RefModelUpdateFn",
+    "PromptLoader",
+    "Logger",
+    "EvalFn",
+    "CheckpointFn",
+    "OptimizerStepFn",
 ]
 
 
@@ -97,3 +110,48 @@ class RefModelUpdateFn(Protocol):
     """
 
     def __call__(self, ref_model: Any, policy: Any, step: int) -> Any: ...
+
+
+class PromptLoader(Protocol):
+    """``prompt_loader(position) -> list[prompt item]``: the batch of prompts at ``position``.
+
+    A pure function of the batch position (``create_prompt_loader`` builds one), so the
+    position stored in ``TrainingState.loader_state`` is all a resumed run needs. A prompt item
+    is a ``str`` or a mapping with a ``"prompt"`` key plus metadata (e.g. ``"answer"``).
+    """
+
+    def __call__(self, position: int) -> list[Any]: ...
+
+
+class Logger(Protocol):
+    """``logger(stats) -> None``: record one ``TrainingStats`` (or a mapping of metrics)."""
+
+    def __call__(self, stats: TrainingStats | Mapping[str, Any]) -> None: ...
+
+
+class EvalFn(Protocol):
+    """``eval_fn(state) -> Mapping[str, float]``: evaluate the current policy.
+
+    The returned metrics are added to the iteration's ``TrainingStats.extra``.
+    """
+
+    def __call__(self, state: TrainingState) -> Mapping[str, float]: ...
+
+
+class CheckpointFn(Protocol):
+    """``checkpoint_fn(state) -> path | None``: save ``state`` when it decides to.
+
+    Decisions depend only on ``state`` (e.g. ``state.iteration % every == 0``).
+    """
+
+    def __call__(self, state: TrainingState) -> Any: ...
+
+
+class OptimizerStepFn(Protocol):
+    """``optimizer_step_fn(state) -> None``: apply the accumulated gradients.
+
+    Called after gradients were computed, clipped and found finite. The default steps the
+    optimizer and the scheduler (if any); a replacement may e.g. add weight averaging.
+    """
+
+    def __call__(self, state: TrainingState) -> None: ...

@@ -1,0 +1,237 @@
+"""Tests of rlprim.reward_models on real tiny sequence-classification models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForSequenceClassification
+
+from rlprim.inference import apply_chat_template
+from rlprim.reward_models import (
+    compute_reward_model_score,
+    create_batch_reward_model_fn,
+    create_reward_model_fn,
+    load_reward_model,
+)
+from rlprim.rewards import compute_batch_rewards
+from rlprim.testing import (
+    TINY_ARCHS,
+    save_tiny_model,
+    tiny_model_config,
+    tiny_reward_model,
+    tiny_tokenizer,
+)
+from rlprim.types import Generation, ModelConfig, Rollout
+
+PROMPTS = [
+    "What is 2+2?",
+    "Hi",
+    "Compute 17 * 3. Think step by step and give the final answer.",
+    "Say yes",
+    "A",
+]
+COMPLETIONS = [" 4", " Hello there, how are you?", " 51", "", " no no no no no"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reward_models():
+    return {arch: tiny_reward_model(arch, seed=1) for arch in TINY_ARCHS}
+
+
+def reward_model_without_pad_id():
+    model = tiny_reward_model("llama", seed=2)
+    model.config.pad_token_id = None
+    return model
+
+
+def unbatched_scores(model, tokenizer, texts):
+    """One forward per text, no padding at all: the independent reference."""
+    values = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            values.append(model(input_ids=ids).logits[0, 0].item())
+    return torch.tensor(values)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_batched_scores_equal_unbatched_forwards(reward_models, tokenizer, arch, batch_size):
+    model = reward_models[arch]
+    scores = compute_reward_model_score(
+        model, tokenizer, PROMPTS, COMPLETIONS, batch_size=batch_size
+    )
+    assert scores.shape == (len(PROMPTS),) and scores.dtype == torch.float32
+    expected = unbatched_scores(
+        model, tokenizer, [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    )
+    assert torch.allclose(scores, expected, atol=1e-5, rtol=0), (scores - expected).abs().max()
+    # The scores are not all equal: the test would notice rows read at the wrong token.
+    assert scores.std() > 1e-3
+
+
+@settings(max_examples=15)
+@given(
+    indices=st.lists(st.integers(0, len(PROMPTS) - 1), min_size=1, max_size=7),
+    batch_size=st.integers(1, 4),
+)
+def test_scores_follow_input_order_for_any_batching(reward_models, tokenizer, indices, batch_size):
+    model = reward_models["qwen2"]
+    prompts = [PROMPTS[i] for i in indices]
+    completions = [COMPLETIONS[i] for i in indices]
+    scores = compute_reward_model_score(model, tokenizer, prompts, completions, batch_size)
+    reference = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, batch_size=1)
+    assert torch.allclose(scores, reference[indices], atol=1e-5, rtol=0)
+
+
+def test_hand_computed_score(tokenizer):
+    # gpt2: with ln_f's weight 0 and bias b, every final hidden state is b, so the score is
+    # w · b = 0.5*1 + (-2)*0.25 + 3*(-1) = -3.0 whatever the text.
+    model = tiny_reward_model("gpt2")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[:3] = torch.tensor([1.0, 0.25, -1.0])
+        model.score.weight.zero_()
+        model.score.weight[0, :3] = torch.tensor([0.5, -2.0, 3.0])
+    scores = compute_reward_model_score(model, tokenizer, PROMPTS[:3], COMPLETIONS[:3])
+    assert scores.tolist() == [-3.0, -3.0, -3.0]
+
+
+def test_padding_side_of_tokenizer_does_not_matter(reward_models):
+    model = reward_models["llama"]
+    left = compute_reward_model_score(
+        model, tiny_tokenizer(padding_side="left"), PROMPTS, COMPLETIONS, 3
+    )
+    right = compute_reward_model_score(
+        model, tiny_tokenizer(padding_side="right"), PROMPTS, COMPLETIONS, 3
+    )
+    assert torch.allclose(left, right, atol=1e-6, rtol=0)
+
+
+def test_template_fn_defines_the_scored_text(reward_models, tokenizer):
+    model = reward_models["qwen2"]
+
+    def chat(prompt, completion):
+        return apply_chat_template(
+            tokenizer,
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+            add_generation_prompt=False,
+        )
+
+    scores = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, 2, template_fn=chat)
+    texts = [chat(p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    assert texts[0] == "<|bos|><|user|>\nWhat is 2+2?<|eos|>\n<|assistant|>\n 4<|eos|>\n"
+    assert torch.allclose(scores, unbatched_scores(model, tokenizer, texts), atol=1e-5, rtol=0)
+    plain = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, 2)
+    assert not torch.allclose(scores, plain)
+
+
+def test_label_index_selects_a_column(tokenizer):
+    config = tiny_model_config("qwen2", num_labels=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+    with pytest.raises(ValueError, match="label_index"):
+        compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS)
+    scores = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, 2, label_index=2)
+    expected = []
+    for p, c in zip(PROMPTS, COMPLETIONS, strict=True):
+        ids = torch.tensor([tokenizer(p + c)["input_ids"]])
+        with torch.no_grad():
+            expected.append(model(input_ids=ids).logits[0, 2].item())
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="label_index"):
+        compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, label_index=3)
+
+
+def test_reward_fn_and_batch_fn(reward_models, tokenizer):
+    model = reward_models["gpt2"]
+    reference = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, batch_size=1)
+    reward_fn = create_reward_model_fn(model, tokenizer, batch_size=8)
+    rollouts = [
+        Rollout(prompt=p, generation=Generation(text=c))
+        for p, c in zip(PROMPTS, COMPLETIONS, strict=True)
+    ]
+    values = [reward_fn(r) for r in rollouts]
+    assert all(isinstance(v, float) for v in values)
+    assert values == pytest.approx(reference.tolist(), abs=1e-5)
+    # compute_batch_rewards uses reward_fn.batched: one forward pass for the 5 rollouts.
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        batch_rewards = compute_batch_rewards(rollouts, reward_fn)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1
+    assert torch.allclose(batch_rewards, reference, atol=1e-5, rtol=0)
+    trl_style = create_batch_reward_model_fn(model, tokenizer, batch_size=4)
+    trl_values = trl_style(PROMPTS, COMPLETIONS, answer=["unused"] * len(PROMPTS))
+    assert isinstance(trl_values, list)
+    assert trl_values == pytest.approx(reference.tolist(), abs=1e-5)
+    with pytest.raises(TypeError, match="rollout"):
+        reward_fn.batched(["not a rollout"])
+    with pytest.raises(ValueError, match="batch_size"):
+        create_reward_model_fn(model, tokenizer, batch_size=0)
+
+
+def test_model_mode_restored_and_empty_input(tokenizer):
+    model = tiny_reward_model("llama")
+    model.train()
+    compute_reward_model_score(model, tokenizer, PROMPTS[:2], COMPLETIONS[:2])
+    assert model.training
+    empty = compute_reward_model_score(model, tokenizer, [], [])
+    assert empty.shape == (0,)
+
+
+def test_bad_input(reward_models, tokenizer):
+    model = reward_models["qwen2"]
+    with pytest.raises(ValueError, match="same length"):
+        compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS[:2])
+    with pytest.raises(TypeError, match="prompts"):
+        compute_reward_model_score(model, tokenizer, "a prompt", ["x"])
+    with pytest.raises(TypeError, match=r"completions\[0\]"):
+        compute_reward_model_score(model, tokenizer, ["a"], [None])
+    with pytest.raises(ValueError, match="batch_size"):
+        compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, batch_size=0)
+    with pytest.raises(ValueError, match=r"prompts\[1\] \+ completions\[1\].*context"):
+        compute_reward_model_score(model, tokenizer, ["ok", "1 " * 300], ["", ""])
+    no_pad = reward_model_without_pad_id()
+    with pytest.raises(ValueError, match="pad_token_id"):
+        compute_reward_model_score(no_pad, tokenizer, PROMPTS, COMPLETIONS, batch_size=2)
+    # One row per forward needs no pad id.
+    single = compute_reward_model_score(no_pad, tokenizer, PROMPTS, COMPLETIONS, batch_size=1)
+    texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    assert torch.allclose(single, unbatched_scores(no_pad, tokenizer, texts), atol=1e-5, rtol=0)
+
+
+def test_load_reward_model_from_saved_dir(tmp_path, reward_models, tokenizer):
+    path = save_tiny_model(tmp_path / "rm", "gpt2", seed=1, reward_model=True)
+    model = load_reward_model(path)
+    assert model.config.num_labels == 1
+    loaded = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, 4)
+    original = compute_reward_model_score(reward_models["gpt2"], tokenizer, PROMPTS, COMPLETIONS, 4)
+    assert torch.equal(loaded, original)
+    half = load_reward_model(ModelConfig(path, dtype="bfloat16"))
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_load_reward_model_sets_missing_pad_id():
+    calls = []
+
+    def loader(name_or_path, **kwargs):
+        calls.append(name_or_path)
+        return reward_model_without_pad_id()
+
+    model = load_reward_model("some/reward-model", model_loader=loader)
+    assert calls == ["some/reward-model"]
+    assert model.config.pad_token_id == 2  # the eos id
+    with pytest.raises(ValueError, match="config.dtype"):
+        load_reward_model(ModelConfig("x", dtype="int3"), model_loader=loader)
