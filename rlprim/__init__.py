@@ -6,6 +6,7 @@ Import it flat: ``import rlprim as rp``; every public name lives at the top leve
 
 from rlprim import advantages as _advantages
 from rlprim import algorithms as _algorithms
+from rlprim import batching as _batching
 from rlprim import critic as _critic
 from rlprim import data as _data
 from rlprim import inference as _inference
@@ -19,6 +20,7 @@ from rlprim import tools as _tools
 from rlprim import types as _types
 from rlprim.advantages import *  # noqa: F401,F403
 from rlprim.algorithms import *  # noqa: F401,F403
+from rlprim.batching import *  # noqa: F401,F403
 from rlprim.critic import *  # noqa: F401,F403
 from rlprim.data import *  # noqa: F401,F403
 from rlprim.inference import *  # noqa: F401,F403
@@ -44,6 +46,7 @@ __all__ = [
     *_algorithms.__all__,
     *_inference.__all__,
     *_tools.__all__,
+    *_batching.__all__,
     *_critic.__all__,
     *_data.__all__,
     *_logging.__all__,

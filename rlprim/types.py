@@ -161,7 +161,8 @@ class Rollout(NamedTuple):
       action_mask: ``[len(completion_ids)]``, 1 on model-produced tokens that train, 0 on tool
         or environment tokens. ``None`` means all ones.
       logprobs: sampling log-probs aligned with ``completion_ids`` (0.0 where the mask is 0).
-        ``None`` means ``generation.logprobs``.
+        ``None`` means ``generation.logprobs`` when the completion is ``generation.token_ids``
+        (single turn); for a multi-turn completion it means "unknown".
       ref_logprobs: reference-model log-probs aligned with ``completion_ids``, or ``None``.
       conversation: the full ``Conversation`` for multi-turn rollouts, else ``None``.
     """
