@@ -7,6 +7,7 @@ Import it flat: ``import rlprim as rp``; every public name lives at the top leve
 from rlprim import advantages as _advantages
 from rlprim import algorithms as _algorithms
 from rlprim import batching as _batching
+from rlprim import checkpoint as _checkpoint
 from rlprim import critic as _critic
 from rlprim import data as _data
 from rlprim import inference as _inference
@@ -21,6 +22,7 @@ from rlprim import types as _types
 from rlprim.advantages import *  # noqa: F401,F403
 from rlprim.algorithms import *  # noqa: F401,F403
 from rlprim.batching import *  # noqa: F401,F403
+from rlprim.checkpoint import *  # noqa: F401,F403
 from rlprim.critic import *  # noqa: F401,F403
 from rlprim.data import *  # noqa: F401,F403
 from rlprim.inference import *  # noqa: F401,F403
@@ -47,6 +49,7 @@ __all__ = [
     *_inference.__all__,
     *_tools.__all__,
     *_batching.__all__,
+    *_checkpoint.__all__,
     *_critic.__all__,
     *_data.__all__,
     *_logging.__all__,

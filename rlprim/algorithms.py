@@ -713,6 +713,8 @@ def validate_algorithm_config(config: AlgorithmConfig) -> AlgorithmConfig:
         bad("value_clip", "None or > 0")
     if c.num_epochs < 1:
         bad("num_epochs", "≥ 1")
+    if c.max_sampling_rounds < 1:
+        bad("max_sampling_rounds", "≥ 1")
     for field in ("minibatch_size", "micro_batch_size"):
         if getattr(c, field) is not None and getattr(c, field) < 1:
             bad(field, "None or ≥ 1")

@@ -30,6 +30,7 @@ __all__ = [
     "TrainingStats",
     "AlgorithmConfig",
     "Algorithm",
+    "Schedule",
 ]
 
 
@@ -247,7 +248,9 @@ class AlgorithmConfig(NamedTuple):
       whiten_advantages: whiten advantages over the batch (REINFORCE++, PPO).
       reinforce_baseline: ``"none"``, ``"group"`` or ``"batch"`` mean baseline for REINFORCE.
       beta: DPO temperature β. dpo_loss_type: ``"sigmoid"``, ``"ipo"`` or ``"hinge"``.
-      filter_groups: drop groups whose rewards are all equal (DAPO dynamic sampling).
+      filter_groups: drop groups whose rewards are all equal (DAPO dynamic sampling) and
+        re-sample until every prompt has an informative group or ``max_sampling_rounds`` ran.
+      max_sampling_rounds: the cap on dynamic-sampling rounds per iteration.
       overlong_shaping: apply DAPO's soft overlong punishment to rewards.
       overlong_buffer_len / overlong_penalty: completions within ``overlong_buffer_len`` tokens
         of ``max_response_len`` lose up to ``overlong_penalty`` (``None``: a fifth of
@@ -283,6 +286,7 @@ class AlgorithmConfig(NamedTuple):
     beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
     filter_groups: bool = False
+    max_sampling_rounds: int = 3
     overlong_shaping: bool = False
     overlong_buffer_len: int | None = None
     overlong_penalty: float = 1.0
@@ -381,3 +385,15 @@ class TrainingStats(NamedTuple):
     time_reference: float = 0.0
     time_train: float = 0.0
     extra: Mapping[str, float] | None = None
+
+
+class Schedule(NamedTuple):
+    """A value that changes with the training iteration: ``fn(iteration) -> value``.
+
+    ``train`` resolves a ``Schedule`` given as ``algorithm_config`` or ``reward_fn`` at every
+    iteration, e.g. ``Schedule(lambda it: grpo if it < 30 else dapo)``. Wrapping makes the
+    intent explicit: a reward function is itself callable, so it could not be told apart
+    from a schedule otherwise.
+    """
+
+    fn: Any

@@ -1,0 +1,1197 @@
+"""Checkpoints: save a ``TrainingState`` atomically and load it back exactly, verified.
+
+A checkpoint is a directory (format version 1)::
+
+    path/
+      manifest.json          {"format": "rlprim-checkpoint", "format_version": 1,
+                              "files": {relative path: {"size": bytes, "sha256": hex}}}
+      state.json             step, iteration, kl_coef, config, loader_state, extra, and what
+                             each component is (class, train/eval mode, frozen or not)
+      rng.json               RNG states: python ``random``, numpy's global RNG, torch CPU (+ CUDA)
+      policy/                model.safetensors (the state_dict), config.json,
+                             generation_config.json, tokenizer files: a Hugging Face model
+                             directory, so ``AutoModelForCausalLM.from_pretrained(path/"policy")``
+                             and ``AutoTokenizer.from_pretrained(path/"policy")`` load it
+      ref_model/             the reference model, same layout (absent when there is none or when
+                             the reference *is* the policy object)
+      value_model/           the critic, same layout (config.json only for transformers models)
+      optimizer.pt           ``torch.save(optimizer.state_dict())``, read with weights_only=True
+      scheduler.pt           ``torch.save(scheduler.state_dict())``, read with weights_only=True
+
+Weights: ``model.state_dict()`` (parameters and persistent buffers) in safetensors. Tensors that
+alias one another (tied embeddings: ``lm_head.weight is embed_tokens.weight``) are stored once,
+under the first name in ``state_dict`` order — the name transformers keeps too — and tensors
+that only partly share storage are stored as copies. Loading rebuilds the aliases from the
+target model, so tied weights stay tied.
+
+Writing (``save_checkpoint``) never leaves a partial checkpoint at ``path``:
+  1. everything is validated (types, JSON-encodability, RNG states) before a byte is written;
+  2. files are written to the sibling ``.<name>.tmp`` (a leftover one from a crashed save is
+     removed first), each file and directory is fsync'ed, and ``manifest.json`` (sizes and
+     SHA-256 of every other file) is written and fsync'ed last;
+  3. the directory is moved into place: if ``path`` does not exist, ``rename(.<name>.tmp,
+     path)``; if it holds an older checkpoint, the two directories are swapped in one atomic
+     ``renameat2(RENAME_EXCHANGE)`` (Linux) and the old one, now at ``.<name>.tmp``, is deleted.
+     Where the exchange is unavailable the fallback is ``rename(path, .<name>.old)`` then
+     ``rename(.<name>.tmp, path)``: a crash between those two renames leaves ``path`` absent but
+     both complete checkpoints on disk (old at ``.<name>.old``, new at ``.<name>.tmp``); the
+     next save to ``path`` clears them;
+  4. the parent directory is fsync'ed.
+So at every moment a complete checkpoint (old or new) exists, and ``path`` holds either the old
+or the new one (on Linux). One writer per ``path`` at a time.
+
+Reading (``load_checkpoint``) first verifies the manifest (format version, every listed file
+present with its size and SHA-256, no unlisted file) and raises ``ValueError`` naming the file
+and what mismatched; then loads every tensor into memory and checks it against the target
+modules (exact key sets, shapes, dtypes) and the optimizer / scheduler against theirs; only when
+all checks pass does it copy anything. A truncated or corrupted checkpoint is an error, never a
+silent partial load.
+
+Exact resume: with the same code, seeds and device (CPU), saving at iteration ``k``, loading into
+freshly built objects and continuing to ``n`` gives bit-identical weights to an uninterrupted run
+to ``n``: weights, optimizer moments and step counts, scheduler, and the global RNG streams
+(torch, numpy, python — dropout and data sampling) are all restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import hashlib
+import json
+import numbers
+import os
+import random
+import re
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from rlprim.types import TrainingState
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT_VERSION",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "read_checkpoint_metadata",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "create_checkpoint_fn",
+]
+
+CHECKPOINT_FORMAT = "rlprim-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+
+_MANIFEST = "manifest.json"
+_STATE = "state.json"
+_RNG = "rng.json"
+_OPTIMIZER = "optimizer.pt"
+_SCHEDULER = "scheduler.pt"
+_WEIGHTS = "model.safetensors"
+_MODEL_COMPONENTS = ("policy", "ref_model", "value_model")
+_RNG_KEYS = ("python", "numpy", "torch", "torch_cuda")
+_STEP_DIR = re.compile(r"step_(\d+)")
+_HASH_CHUNK = 1 << 20
+# Linux renameat2(2) constants: relative paths resolve against the cwd; swap both entries.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+# Optimizer state entries that have their parameter's shape (torch.optim's Adam(W), SGD, ...).
+_PER_PARAMETER_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg")
+# How many offending keys an error message lists before "...".
+_SHOW_KEYS = 6
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global RNG states that training code draws from, for exact resume.
+
+    Returns:
+      ``{"python": random.getstate(), "numpy": np.random.get_state(),
+      "torch": torch.get_rng_state()}`` plus ``"torch_cuda": torch.cuda.get_rng_state_all()``
+      when CUDA is available. Nothing is advanced: capturing then drawing gives the same
+      numbers as drawing without capturing. ``restore_rng_state`` sets them back.
+    """
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _normalize_rng_state(rng_state: Any, argument: str) -> dict[str, Any]:
+    """Validates an RNG-state mapping by loading each part into a fresh generator (no global
+    RNG is touched) and returns it in canonical form (the fresh generators' ``get_state``)."""
+    if not isinstance(rng_state, Mapping):
+        raise TypeError(
+            f"{argument} must be a mapping like capture_rng_state() returns, "
+            f"got {type(rng_state).__name__}"
+        )
+    unknown = sorted(str(key) for key in rng_state if key not in _RNG_KEYS)
+    if unknown:
+        raise ValueError(f"{argument} has unknown keys {unknown}; expected a subset of {_RNG_KEYS}")
+    normalized: dict[str, Any] = {}
+    if "python" in rng_state:
+        generator = random.Random()
+        try:
+            generator.setstate(rng_state["python"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{argument}['python'] is not a random.getstate() value: {error}"
+            ) from error
+        normalized["python"] = generator.getstate()
+    if "numpy" in rng_state:
+        legacy = np.random.RandomState()
+        try:
+            legacy.set_state(rng_state["numpy"])
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"{argument}['numpy'] is not a np.random.get_state() value: {error}"
+            ) from error
+        normalized["numpy"] = legacy.get_state()
+    if "torch" in rng_state:
+        normalized["torch"] = _check_torch_rng(rng_state["torch"], f"{argument}['torch']")
+    if "torch_cuda" in rng_state:
+        states = rng_state["torch_cuda"]
+        if not isinstance(states, Sequence) or isinstance(states, (str, bytes)):
+            raise TypeError(
+                f"{argument}['torch_cuda'] must be a list of uint8 tensors, "
+                f"got {type(states).__name__}"
+            )
+        normalized["torch_cuda"] = [
+            _check_byte_tensor(state, f"{argument}['torch_cuda'][{index}]")
+            for index, state in enumerate(states)
+        ]
+    return normalized
+
+
+def _check_byte_tensor(value: Any, argument: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        description = (
+            f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise ValueError(f"{argument} must be a 1-D torch.uint8 tensor, got {description}")
+    return value.detach().to("cpu").clone()
+
+
+def _check_torch_rng(value: Any, argument: str) -> torch.Tensor:
+    state = _check_byte_tensor(value, argument)
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as error:
+        raise ValueError(f"{argument} is not a torch.get_rng_state() value: {error}") from error
+    return state
+
+
+def restore_rng_state(rng_state: Mapping[str, Any]) -> None:
+    """Sets the global RNGs to a state from ``capture_rng_state`` (or ``load_checkpoint``).
+
+    Every part present is restored: ``random.setstate``, ``np.random.set_state``,
+    ``torch.set_rng_state`` and, when CUDA is available, ``torch.cuda.set_rng_state`` for each
+    saved device that exists here (CUDA states are skipped on a machine without CUDA). The whole
+    mapping is validated first, so a bad value raises ``ValueError``/``TypeError`` and changes
+    nothing.
+    """
+    normalized = _normalize_rng_state(rng_state, "rng_state")
+    if "python" in normalized:
+        random.setstate(normalized["python"])
+    if "numpy" in normalized:
+        np.random.set_state(normalized["numpy"])
+    if "torch" in normalized:
+        torch.set_rng_state(normalized["torch"])
+    if "torch_cuda" in normalized and torch.cuda.is_available():
+        for device, state in enumerate(normalized["torch_cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _rng_to_json(normalized: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "python" in normalized:
+        version, internal, gauss_next = normalized["python"]
+        out["python"] = {"version": version, "state": list(internal), "gauss_next": gauss_next}
+    if "numpy" in normalized:
+        name, key, pos, has_gauss, cached_gaussian = normalized["numpy"]
+        out["numpy"] = {
+            "bit_generator": name,
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+    if "torch" in normalized:
+        out["torch"] = bytes(normalized["torch"].tolist()).hex()
+    if "torch_cuda" in normalized:
+        out["torch_cuda"] = [bytes(state.tolist()).hex() for state in normalized["torch_cuda"]]
+    return out
+
+
+def _hex_to_bytes_tensor(text: str) -> torch.Tensor:
+    return torch.tensor(list(bytes.fromhex(text)), dtype=torch.uint8)
+
+
+def _rng_from_json(data: Any, where: str) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = {}
+        if "python" in data:
+            python = data["python"]
+            state["python"] = (python["version"], tuple(python["state"]), python["gauss_next"])
+        if "numpy" in data:
+            legacy = data["numpy"]
+            state["numpy"] = (
+                legacy["bit_generator"],
+                np.asarray(legacy["key"], dtype=np.uint32),
+                legacy["pos"],
+                legacy["has_gauss"],
+                legacy["cached_gaussian"],
+            )
+        if "torch" in data:
+            state["torch"] = _hex_to_bytes_tensor(data["torch"])
+        if "torch_cuda" in data:
+            state["torch_cuda"] = [_hex_to_bytes_tensor(text) for text in data["torch_cuda"]]
+    except (TypeError, ValueError, KeyError, OverflowError) as error:
+        raise ValueError(f"{where}: malformed RNG state ({error!r})") from error
+    return _normalize_rng_state(state, where)
+
+
+# --------------------------------------------------------------------------- JSON values
+
+_TUPLE_TAG = "__tuple__"
+_NAMEDTUPLE_TAG = "__namedtuple__"
+
+
+def _to_json(value: Any, where: str) -> Any:
+    """Encodes configs and loader states: JSON scalars, lists, str-keyed mappings, tuples
+    (tagged) and NamedTuples (tagged with ``module:qualname``), recursively."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float, str)):
+        return value.item()
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
+        cls = type(value)
+        return {
+            _NAMEDTUPLE_TAG: f"{cls.__module__}:{cls.__qualname__}",
+            "fields": {
+                name: _to_json(item, f"{where}.{name}")
+                for name, item in zip(cls._fields, value, strict=True)
+            },
+        }
+    if isinstance(value, tuple):
+        return {_TUPLE_TAG: [_to_json(item, f"{where}[{i}]") for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where} must have str keys to be saved as JSON, got key {key!r} "
+                    f"of type {type(key).__name__}"
+                )
+            if key in (_TUPLE_TAG, _NAMEDTUPLE_TAG):
+                raise ValueError(f"{where} uses the reserved key {key!r}")
+            out[key] = _to_json(item, f"{where}[{key!r}]")
+        return out
+    raise TypeError(
+        f"{where} of type {type(value).__module__}.{type(value).__qualname__} cannot be saved: "
+        "a checkpoint stores configs, loader states and extras as JSON (None, bool, int, float, "
+        "str, list, tuple, str-keyed mapping, NamedTuple of those)"
+    )
+
+
+def _resolve_namedtuple(spec: str) -> type | None:
+    # Only classes whose module is already imported: a checkpoint never triggers an import.
+    module_name, _, qualname = spec.partition(":")
+    target: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    if isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
+        return target
+    return None
+
+
+def _from_json(value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        return [_from_json(item, where) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {_TUPLE_TAG}:
+        return tuple(_from_json(item, where) for item in value[_TUPLE_TAG])
+    if _NAMEDTUPLE_TAG in value:
+        fields = {name: _from_json(item, where) for name, item in value["fields"].items()}
+        cls = _resolve_namedtuple(value[_NAMEDTUPLE_TAG])
+        if cls is None:
+            # The class is not importable here: the fields are still all there.
+            return fields
+        unknown = sorted(set(fields) - set(cls._fields))
+        if unknown:
+            raise ValueError(
+                f"{where}: the saved {value[_NAMEDTUPLE_TAG]} has fields {unknown} that the "
+                f"class here does not have (fields {list(cls._fields)})"
+            )
+        try:
+            return cls(**fields)
+        except TypeError as error:
+            raise ValueError(
+                f"{where}: cannot rebuild {value[_NAMEDTUPLE_TAG]}: {error}"
+            ) from error
+    return {key: _from_json(item, where) for key, item in value.items()}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _dedupe_state_dict(
+    state_dict: Mapping[str, torch.Tensor], where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Splits a state_dict into the tensors to store and the aliases of stored ones.
+
+    Two entries alias when they are the same view of the same storage (tied weights); the first
+    name in ``state_dict`` order is kept. Returns ``(kept, aliases)`` with ``aliases[name] =
+    kept name``. Kept tensors are detached, not copied.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple[Any, ...], str] = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"{where}.state_dict()[{name!r}] is a {type(tensor).__name__}, expected a tensor"
+            )
+        tensor = tensor.detach()
+        if tensor.numel() and tensor.device.type != "meta":
+            view = (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tensor.stride(),
+                tensor.dtype,
+            )
+            if view in first_name:
+                aliases[name] = first_name[view]
+                continue
+            first_name[view] = name
+        kept[name] = tensor
+    return kept, aliases
+
+
+def _tensors_to_store(kept: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage or are not contiguous: copy those.
+    storage_users: dict[tuple[Any, int], int] = {}
+    for tensor in kept.values():
+        if tensor.numel():
+            key = (tensor.device, tensor.untyped_storage().data_ptr())
+            storage_users[key] = storage_users.get(key, 0) + 1
+    out = {}
+    for name, tensor in kept.items():
+        shared = tensor.numel() and (
+            storage_users[(tensor.device, tensor.untyped_storage().data_ptr())] > 1
+            or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+        )
+        if shared or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()
+        out[name] = tensor.to("cpu")
+    return out
+
+
+def _describe_keys(keys: set[str]) -> str:
+    ordered = sorted(keys)
+    shown = ", ".join(repr(key) for key in ordered[:_SHOW_KEYS])
+    return f"[{shown}{', ...' if len(ordered) > _SHOW_KEYS else ''}] ({len(ordered)})"
+
+
+def _match_weights(
+    module: nn.Module, loaded: Mapping[str, torch.Tensor], component: str, file: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Checks ``loaded`` against ``module.state_dict()`` (exact keys after aliasing, shapes,
+    dtypes) and returns the ``(target, source)`` pairs to copy. Modifies nothing."""
+    kept, _ = _dedupe_state_dict(module.state_dict(), component)
+    missing = set(kept) - set(loaded)
+    unexpected = set(loaded) - set(kept)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {_describe_keys(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_describe_keys(unexpected)}")
+        raise ValueError(
+            f"{file} does not match state.{component} ({type(module).__name__}): "
+            + "; ".join(parts)
+        )
+    mismatched = []
+    for name, target in kept.items():
+        source = loaded[name]
+        if target.shape != source.shape or target.dtype != source.dtype:
+            mismatched.append(
+                f"{name!r}: checkpoint {source.dtype} {tuple(source.shape)}, "
+                f"model {target.dtype} {tuple(target.shape)}"
+            )
+    if mismatched:
+        shown = "; ".join(mismatched[:_SHOW_KEYS])
+        more = f"; ... ({len(mismatched)} in all)" if len(mismatched) > _SHOW_KEYS else ""
+        raise ValueError(
+            f"{file} does not match state.{component} ({type(module).__name__}): {shown}{more}"
+        )
+    return [(kept[name], loaded[name]) for name in kept]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync(path: str) -> None:
+    if os.name == "nt" and os.path.isdir(path):
+        return  # Windows cannot open directories; NTFS journals renames itself.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _list_files(root: str) -> list[str]:
+    """Relative POSIX paths of every file under ``root``, sorted."""
+    found = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            relative = os.path.relpath(os.path.join(directory, name), root)
+            found.append(relative.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=1, sort_keys=True, allow_nan=True)
+
+
+def _remove_tree(path: str) -> None:
+    if os.path.lexists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Atomically swaps two directory entries (Linux renameat2 RENAME_EXCHANGE); False when the
+    platform or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: use the two-rename fallback
+        return False
+    raise OSError(error, f"renameat2({first!r}, {second!r}, RENAME_EXCHANGE) failed")
+
+
+def _move_into_place(temporary: str, path: str) -> None:
+    parent, name = os.path.split(path)
+    if not os.path.lexists(path):
+        os.rename(temporary, path)
+    elif _exchange(temporary, path):
+        shutil.rmtree(temporary)  # it now holds the old checkpoint
+    else:
+        old = os.path.join(parent, f".{name}.old")
+        _remove_tree(old)
+        os.rename(path, old)
+        _fsync(parent)
+        os.rename(temporary, path)
+        _fsync(parent)
+        shutil.rmtree(old)
+    _fsync(parent)
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, _MANIFEST))
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _component_info(module: nn.Module) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    is_transformers = config is not None and callable(getattr(config, "save_pretrained", None))
+    return {
+        "kind": "transformers" if is_transformers else "module",
+        "class": type(module).__name__,
+        "module": type(module).__module__,
+        "training": bool(module.training),
+        "requires_grad": any(parameter.requires_grad for parameter in module.parameters()),
+    }
+
+
+def _save_model_dir(module: nn.Module, directory: str, info: Mapping[str, Any]) -> None:
+    os.makedirs(directory)
+    kept, _ = _dedupe_state_dict(module.state_dict(), directory)
+    safetensors.torch.save_file(
+        _tensors_to_store(kept), os.path.join(directory, _WEIGHTS), metadata={"format": "pt"}
+    )
+    if info["kind"] == "transformers":
+        config = copy.deepcopy(module.config)
+        config.architectures = [type(module).__name__]
+        config.save_pretrained(directory)
+        generation_config = getattr(module, "generation_config", None)
+        if generation_config is not None and callable(
+            getattr(generation_config, "save_pretrained", None)
+        ):
+            generation_config.save_pretrained(directory)
+
+
+def _check_int(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{argument} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _check_module(value: Any, argument: str, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{argument} must be a torch.nn.Module, got {type(value).__name__}")
+
+
+def _check_has_state_dict(value: Any, argument: str) -> None:
+    if value is not None and not (
+        callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    ):
+        raise TypeError(
+            f"{argument} must have state_dict() and load_state_dict(), got {type(value).__name__}"
+        )
+
+
+def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: Any = None) -> str:
+    """Writes ``state`` to the directory ``path``, atomically (see the module docstring).
+
+    Saved: the policy's weights (safetensors), config, generation config and tokenizer (a
+    Hugging Face model directory under ``path/policy``); ``ref_model`` and ``value_model`` when
+    present (a reference that is the policy object itself is recorded as such, not stored
+    twice); ``optimizer.state_dict()`` and ``scheduler.state_dict()``; ``step``, ``iteration``,
+    ``kl_coef``, ``config``, ``loader_state`` and ``extra`` (JSON); the RNG states
+    ``state.rng_state`` — or, when it is ``None``, the global RNG states captured now
+    (``capture_rng_state``). Train/eval mode and frozen-ness of each model are recorded.
+
+    ``state.rng_state`` is saved as is: it must be the RNG states *at this point* of the run.
+    A stale one (e.g. the one ``load_checkpoint`` returned, iterations ago) would make a resume
+    replay old random numbers; pass ``rng_state=None`` (capture now) unless you hold fresh ones.
+
+    ``config``, ``loader_state`` and ``extra`` must be JSON-like: None, bool, int, float, str,
+    lists, tuples, str-keyed mappings and NamedTuples (an ``AlgorithmConfig``) of those, nested.
+    Anything else raises ``TypeError`` before anything is written.
+
+    Nothing in ``state`` and no global RNG is modified.
+
+    Args:
+      state: the ``TrainingState`` to save (``policy`` must be an ``nn.Module``).
+      path: the checkpoint directory. Its parent is created if needed. An existing checkpoint at
+        ``path`` is replaced atomically; an existing directory that is not a checkpoint (no
+        ``manifest.json``) or a file is refused with ``ValueError``.
+      extra: any further JSON-like value to keep (read back with ``read_checkpoint_metadata``).
+
+    Returns:
+      ``str(path)``.
+    """
+    if not isinstance(state, TrainingState):
+        raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
+    _check_module(state.policy, "state.policy", required=True)
+    _check_module(state.ref_model, "state.ref_model", required=False)
+    _check_module(state.value_model, "state.value_model", required=False)
+    _check_has_state_dict(state.optimizer, "state.optimizer")
+    _check_has_state_dict(state.scheduler, "state.scheduler")
+    if state.tokenizer is not None and not callable(
+        getattr(state.tokenizer, "save_pretrained", None)
+    ):
+        raise TypeError(
+            "state.tokenizer must have save_pretrained() (a transformers tokenizer) or be None, "
+            f"got {type(state.tokenizer).__name__}"
+        )
+    step = _check_int(state.step, "state.step")
+    iteration = _check_int(state.iteration, "state.iteration")
+    try:
+        kl_coef = float(state.kl_coef)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"state.kl_coef must be a real number, got {state.kl_coef!r}") from error
+    rng_state = capture_rng_state() if state.rng_state is None else state.rng_state
+    rng_json = _rng_to_json(_normalize_rng_state(rng_state, "state.rng_state"))
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty path, got {path!r}")
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not _is_checkpoint_dir(path):
+        raise ValueError(
+            f"path {path!r} exists and is not an rlprim checkpoint (no {_MANIFEST}); "
+            "refusing to replace it"
+        )
+
+    components: dict[str, Any] = {
+        "tokenizer": None if state.tokenizer is None else {"class": type(state.tokenizer).__name__},
+        "optimizer": None if state.optimizer is None else {"class": type(state.optimizer).__name__},
+        "scheduler": None if state.scheduler is None else {"class": type(state.scheduler).__name__},
+    }
+    for name in _MODEL_COMPONENTS:
+        module = getattr(state, name)
+        if module is None:
+            components[name] = None
+        elif name != "policy" and module is state.policy:
+            components[name] = {"alias": "policy"}
+        else:
+            components[name] = _component_info(module)
+    metadata = {
+        "step": step,
+        "iteration": iteration,
+        "kl_coef": kl_coef,
+        "config": _to_json(state.config, "state.config"),
+        "loader_state": _to_json(state.loader_state, "state.loader_state"),
+        "extra": _to_json(extra, "extra"),
+        "components": components,
+        "torch_version": torch.__version__,
+    }
+
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = os.path.join(parent, f".{name}.tmp")
+    _remove_tree(temporary)  # a leftover of a crashed save
+    os.mkdir(temporary)
+    try:
+        for component in _MODEL_COMPONENTS:
+            info = components[component]
+            if info is not None and "alias" not in info:
+                _save_model_dir(getattr(state, component), os.path.join(temporary, component), info)
+        if state.tokenizer is not None:
+            state.tokenizer.save_pretrained(os.path.join(temporary, "policy"))
+        if state.optimizer is not None:
+            torch.save(state.optimizer.state_dict(), os.path.join(temporary, _OPTIMIZER))
+        if state.scheduler is not None:
+            torch.save(state.scheduler.state_dict(), os.path.join(temporary, _SCHEDULER))
+        _write_json(os.path.join(temporary, _RNG), rng_json)
+        _write_json(os.path.join(temporary, _STATE), metadata)
+
+        files = {}
+        for relative in _list_files(temporary):
+            full = os.path.join(temporary, relative)
+            _fsync(full)
+            size, sha256 = _file_digest(full)
+            files[relative] = {"size": size, "sha256": sha256}
+        manifest = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "files": files,
+        }
+        _write_json(os.path.join(temporary, _MANIFEST), manifest)
+        _fsync(os.path.join(temporary, _MANIFEST))
+        for directory, _, _ in sorted(os.walk(temporary), key=lambda entry: -len(entry[0])):
+            _fsync(directory)
+        _move_into_place(temporary, path)
+    except BaseException:
+        _remove_tree(temporary)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    manifest_path = os.path.join(path, _MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"{path!r} is not a complete checkpoint: {_MANIFEST} is missing")
+    try:
+        with open(manifest_path, encoding="utf-8") as file:
+            manifest = json.load(file)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{manifest_path} is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{manifest_path} is not an {CHECKPOINT_FORMAT!r} manifest")
+    version = manifest.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{manifest_path} has format_version {version!r}; this rlprim reads version "
+            f"{CHECKPOINT_FORMAT_VERSION}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    ):
+        raise ValueError(f"{manifest_path} has a malformed 'files' table")
+    return manifest
+
+
+def _verify_file(path: str, relative: str, entry: Mapping[str, Any]) -> None:
+    full = os.path.join(path, relative)
+    if not os.path.isfile(full):
+        raise ValueError(f"checkpoint {path!r}: file {relative!r} listed in {_MANIFEST} is missing")
+    size = os.path.getsize(full)
+    if size != entry["size"]:
+        raise ValueError(
+            f"checkpoint {path!r}: file {relative!r} has {size} bytes, the manifest says "
+            f"{entry['size']} (truncated or modified)"
+        )
+    _, sha256 = _file_digest(full)
+    if sha256 != entry["sha256"]:
+        raise ValueError(
+            f"checkpoint {path!r}: file {relative!r} has sha256 {sha256}, the manifest says "
+            f"{entry['sha256']} (corrupted or modified)"
+        )
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Checks a checkpoint directory against its manifest without loading anything.
+
+    Checks: ``manifest.json`` parses, has ``format == CHECKPOINT_FORMAT`` and
+    ``format_version == CHECKPOINT_FORMAT_VERSION``; every listed file exists with the listed
+    size and SHA-256; no file is present that the manifest does not list.
+
+    Returns:
+      the manifest (a dict). Raises ``FileNotFoundError`` when ``path`` is not a directory and
+      ``ValueError`` naming the file and what mismatched otherwise.
+    """
+    path = os.path.abspath(os.fspath(path))
+    manifest = _read_manifest(path)
+    listed = manifest["files"]
+    unlisted = sorted(set(_list_files(path)) - set(listed) - {_MANIFEST})
+    if unlisted:
+        raise ValueError(
+            f"checkpoint {path!r}: files {unlisted} are not listed in {_MANIFEST} "
+            "(the manifest was modified or files were added)"
+        )
+    for relative in sorted(listed):
+        _verify_file(path, relative, listed[relative])
+    return manifest
+
+
+def _read_state_json(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, _STATE), encoding="utf-8") as file:
+        raw = json.load(file)
+    for key in ("step", "iteration", "kl_coef", "components"):
+        if key not in raw:
+            raise ValueError(f"checkpoint {path!r}: {_STATE} has no {key!r}")
+    return raw
+
+
+def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The small metadata of a checkpoint, without loading weights.
+
+    Only ``manifest.json`` and ``state.json`` (its size and SHA-256) are verified.
+
+    Returns:
+      ``{"step", "iteration", "kl_coef", "config", "loader_state", "extra", "components",
+      "format_version"}``; ``config`` is rebuilt as its NamedTuple type (e.g.
+      ``AlgorithmConfig``) when that class is importable, else a dict of its fields.
+    """
+    path = os.path.abspath(os.fspath(path))
+    manifest = _read_manifest(path)
+    if _STATE not in manifest["files"]:
+        raise ValueError(f"checkpoint {path!r}: {_MANIFEST} does not list {_STATE}")
+    _verify_file(path, _STATE, manifest["files"][_STATE])
+    raw = _read_state_json(path)
+    return {
+        "step": raw["step"],
+        "iteration": raw["iteration"],
+        "kl_coef": raw["kl_coef"],
+        "config": _from_json(raw.get("config"), f"{_STATE} config"),
+        "loader_state": _from_json(raw.get("loader_state"), f"{_STATE} loader_state"),
+        "extra": _from_json(raw.get("extra"), f"{_STATE} extra"),
+        "components": raw["components"],
+        "format_version": manifest["format_version"],
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _rebuild_model(
+    path: str,
+    component: str,
+    info: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    device: Any,
+) -> nn.Module:
+    module_name, class_name = str(info.get("module", "")), str(info.get("class", ""))
+    if info.get("kind") != "transformers" or not module_name.startswith("transformers"):
+        raise ValueError(
+            f"checkpoint {path!r}: state.{component} is a {module_name}.{class_name}, not a "
+            "transformers model, so load_checkpoint cannot rebuild it; build it yourself and "
+            f"pass it in: load_checkpoint(path, TrainingState(policy=None, tokenizer=None, "
+            f"optimizer=None, {component}=<module>))"
+        )
+    import transformers
+
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None:
+        raise ValueError(
+            f"checkpoint {path!r}: state.{component} class {class_name!r} is not in this "
+            f"transformers {transformers.__version__}"
+        )
+    # The saved tensors' dtype, not config.dtype (which a later ``model.to(dtype)`` leaves stale).
+    floating = [t.dtype for t in weights.values() if t.is_floating_point()]
+    dtype = max(set(floating), key=floating.count) if floating else "auto"
+    # Loading must not consume the caller's RNG (transformers may initialise before loading).
+    with torch.random.fork_rng(devices=[]):
+        model = model_class.from_pretrained(os.path.join(path, component), dtype=dtype)
+    model.to(device)
+    model.train(bool(info.get("training", False)))
+    if not info.get("requires_grad", True):
+        model.requires_grad_(False)
+    return model
+
+
+def _load_torch_file(path: str, relative: str, device: Any) -> Any:
+    try:
+        return torch.load(os.path.join(path, relative), map_location=device, weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise ValueError(f"checkpoint {path!r}: cannot read {relative!r}: {error}") from error
+
+
+def _check_optimizer(optimizer: Any, saved: Any, info: Mapping[str, Any], path: str) -> None:
+    if type(optimizer).__name__ != info.get("class"):
+        raise ValueError(
+            f"checkpoint {path!r}: {_OPTIMIZER} holds a {info.get('class')} state, but "
+            f"state.optimizer is a {type(optimizer).__name__}"
+        )
+    if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
+        raise ValueError(f"checkpoint {path!r}: {_OPTIMIZER} is not an optimizer state_dict")
+    groups, saved_groups = optimizer.state_dict()["param_groups"], saved["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(
+            f"checkpoint {path!r}: {_OPTIMIZER} has {len(saved_groups)} parameter groups, "
+            f"state.optimizer has {len(groups)}"
+        )
+    for index, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise ValueError(
+                f"checkpoint {path!r}: {_OPTIMIZER} parameter group {index} has "
+                f"{len(saved_group['params'])} parameters, state.optimizer's has "
+                f"{len(group['params'])}"
+            )
+    saved_ids = [pid for group in saved_groups for pid in group["params"]]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    shape_of = dict(zip(saved_ids, (tuple(p.shape) for p in parameters), strict=True))
+    for pid, entry in saved["state"].items():
+        if pid not in shape_of:
+            raise ValueError(
+                f"checkpoint {path!r}: {_OPTIMIZER} has state for unknown parameter id {pid}"
+            )
+        for key in _PER_PARAMETER_STATE:
+            value = entry.get(key)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != shape_of[pid]:
+                raise ValueError(
+                    f"checkpoint {path!r}: {_OPTIMIZER} state {key!r} of parameter {pid} has "
+                    f"shape {tuple(value.shape)}, the parameter has shape {shape_of[pid]}"
+                )
+
+
+def _check_scheduler(scheduler: Any, saved: Any, info: Mapping[str, Any], path: str) -> None:
+    if type(scheduler).__name__ != info.get("class"):
+        raise ValueError(
+            f"checkpoint {path!r}: {_SCHEDULER} holds a {info.get('class')} state, but "
+            f"state.scheduler is a {type(scheduler).__name__}"
+        )
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path!r}: {_SCHEDULER} is not a scheduler state_dict")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    state: TrainingState | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> TrainingState:
+    """Loads a checkpoint written by ``save_checkpoint``, verified, into ``state`` or new objects.
+
+    Procedure (nothing is modified until every check has passed):
+      1. verify the manifest (``verify_checkpoint``): format version, every file's size and
+         SHA-256, no unlisted file — else ``ValueError`` naming the file;
+      2. read the metadata, RNG states, all weights (into memory on ``map_location``) and the
+         optimizer / scheduler state_dicts (``torch.load(weights_only=True)``);
+      3. match each saved component to its target: for every model given in ``state`` the
+         checkpoint's keys must equal the model's ``state_dict`` keys exactly (tied aliases
+         resolved), with equal shapes and dtypes; the optimizer must be the same class with the
+         same parameter groups and sizes; the scheduler the same class. A component given in
+         ``state`` but absent from the checkpoint is an error too (never a silent partial
+         load);
+      4. rebuild what ``state`` leaves ``None`` (see below);
+      5. copy the weights into the models in place (``Tensor.copy_``, so parameters keep their
+         identity and the optimizer still refers to them), ``optimizer.load_state_dict``,
+         ``scheduler.load_state_dict``, and, if ``restore_rng``, ``restore_rng_state``.
+
+    Rebuilding (``state=None``, or a field of ``state`` set to ``None``): the policy and the
+    reference / value models saved from transformers models are rebuilt with their class's
+    ``from_pretrained`` on the checkpoint's directory (then overwritten with the verified
+    tensors, so missing keys cannot be silently initialised) in their saved train/eval mode and
+    frozen-ness; the tokenizer with ``AutoTokenizer.from_pretrained``. A plain ``nn.Module``
+    (e.g. a custom value head) cannot be rebuilt from weights alone: pass it built, e.g.
+    ``load_checkpoint(path, TrainingState(policy=None, tokenizer=None, optimizer=None,
+    value_model=head))``. An optimizer or scheduler is never rebuilt (it needs the parameters
+    and hyper-parameters): it is ``None`` unless given in ``state``. A reference saved as the
+    policy object itself comes back as the returned policy.
+
+    Args:
+      path: a checkpoint directory.
+      state: the ``TrainingState`` to load into, or ``None`` to rebuild.
+      restore_rng: set the global RNGs to the saved states (needed for exact resume).
+      map_location: device for loaded tensors and rebuilt models.
+
+    Returns:
+      the ``TrainingState`` with the loaded/rebuilt components and ``step``, ``iteration``,
+      ``kl_coef``, ``loader_state``, ``rng_state`` (the saved states, as
+      ``capture_rng_state`` returns them) and ``config`` (an ``AlgorithmConfig`` when one was
+      saved) from the checkpoint.
+    """
+    if state is not None and not isinstance(state, TrainingState):
+        raise TypeError(f"state must be a TrainingState or None, got {type(state).__name__}")
+    if not isinstance(restore_rng, bool):
+        raise TypeError(f"restore_rng must be a bool, got {type(restore_rng).__name__}")
+    device = torch.device(map_location)
+    if state is None:
+        state = TrainingState(policy=None, tokenizer=None, optimizer=None)
+    for name in _MODEL_COMPONENTS:
+        _check_module(getattr(state, name), f"state.{name}", required=False)
+    path = os.path.abspath(os.fspath(path))
+
+    # 1-2: verify, then read everything into memory.
+    verify_checkpoint(path)
+    raw = _read_state_json(path)
+    with open(os.path.join(path, _RNG), encoding="utf-8") as file:
+        rng_state = _rng_from_json(json.load(file), f"checkpoint {path!r}: {_RNG}")
+    config = _from_json(raw.get("config"), f"{_STATE} config")
+    loader_state = _from_json(raw.get("loader_state"), f"{_STATE} loader_state")
+    components = raw["components"]
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for name in _MODEL_COMPONENTS:
+        info = components.get(name)
+        if info is not None and "alias" not in info:
+            relative = f"{name}/{_WEIGHTS}"
+            try:
+                weights[name] = safetensors.torch.load_file(
+                    os.path.join(path, relative), device=str(device)
+                )
+            except Exception as error:  # safetensors raises its own error types
+                raise ValueError(
+                    f"checkpoint {path!r}: cannot read {relative!r}: {error}"
+                ) from error
+
+    # 3: match every component to its target.
+    targets: dict[str, nn.Module | None] = {}
+    to_rebuild: list[str] = []
+    for name in _MODEL_COMPONENTS:
+        info = components.get(name)
+        given = getattr(state, name)
+        if info is None:
+            if given is not None:
+                raise ValueError(
+                    f"checkpoint {path!r} has no {name}, but state.{name} is given; pass "
+                    f"state._replace({name}=None) to load without it"
+                )
+            targets[name] = None
+        elif given is None:
+            if "alias" not in info:
+                to_rebuild.append(name)
+            targets[name] = None
+        else:
+            targets[name] = given
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name in _MODEL_COMPONENTS:
+        info = components.get(name)
+        target = targets[name]
+        if target is None or info is None:
+            continue
+        source = "policy" if "alias" in info else name
+        copies += _match_weights(
+            target, weights[source], name, f"checkpoint {path!r}: {source}/{_WEIGHTS}"
+        )
+
+    optimizer_state = scheduler_state = None
+    for key, relative, given in (
+        ("optimizer", _OPTIMIZER, state.optimizer),
+        ("scheduler", _SCHEDULER, state.scheduler),
+    ):
+        info = components.get(key)
+        if info is None and given is not None:
+            raise ValueError(
+                f"checkpoint {path!r} has no {key} state, but state.{key} is given; pass "
+                f"state._replace({key}=None) to load without it"
+            )
+        if info is not None and given is not None:
+            saved = _load_torch_file(path, relative, device)
+            if key == "optimizer":
+                _check_optimizer(given, saved, info, path)
+                optimizer_state = saved
+            else:
+                _check_scheduler(given, saved, info, path)
+                scheduler_state = saved
+
+    # 4: rebuild what was not given (new objects only: nothing of the caller's changes).
+    rebuilt: dict[str, nn.Module] = {}
+    for name in to_rebuild:
+        model = _rebuild_model(path, name, components[name], weights[name], device)
+        copies += _match_weights(
+            model, weights[name], name, f"checkpoint {path!r}: {name}/{_WEIGHTS}"
+        )
+        rebuilt[name] = model
+    tokenizer = state.tokenizer
+    if tokenizer is None and components.get("tokenizer") is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "policy"))
+
+    # 5: apply.
+    with torch.no_grad():
+        for target_tensor, source_tensor in copies:
+            target_tensor.copy_(source_tensor)
+    if optimizer_state is not None:
+        state.optimizer.load_state_dict(optimizer_state)
+    if scheduler_state is not None:
+        state.scheduler.load_state_dict(scheduler_state)
+    if restore_rng:
+        restore_rng_state(rng_state)
+
+    models = {name: targets[name] or rebuilt.get(name) for name in _MODEL_COMPONENTS}
+    for name in ("ref_model", "value_model"):
+        info = components.get(name)
+        if info is not None and "alias" in info and models[name] is None:
+            models[name] = models["policy"]
+    return state._replace(
+        policy=models["policy"],
+        tokenizer=tokenizer,
+        ref_model=models["ref_model"],
+        value_model=models["value_model"],
+        optimizer=state.optimizer if optimizer_state is not None else None,
+        scheduler=state.scheduler if scheduler_state is not None else None,
+        step=int(raw["step"]),
+        iteration=int(raw["iteration"]),
+        kl_coef=float(raw["kl_coef"]),
+        rng_state=rng_state,
+        config=config,
+        loader_state=loader_state,
+    )
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def _list_checkpoints(directory: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _STEP_DIR.fullmatch(name)
+        full = os.path.join(directory, name)
+        if match and _is_checkpoint_dir(full):
+            found.append((int(match.group(1)), full))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike[str], verify: bool = False) -> str | None:
+    """The checkpoint with the largest step number in ``directory``, or ``None``.
+
+    Candidates are the sub-directories named ``step_<N>`` (as ``create_checkpoint_fn`` writes
+    them) that hold a ``manifest.json``; in-progress or crashed saves (hidden ``.step_<N>.tmp``
+    directories) never qualify. With ``verify=True`` each candidate, newest first, is checked
+    with ``verify_checkpoint`` and corrupted ones are skipped (this reads every file).
+
+    Returns:
+      the path as a str, or ``None`` when there is none (or ``directory`` does not exist).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    for _, path in reversed(_list_checkpoints(directory)):
+        if not verify:
+            return path
+        try:
+            verify_checkpoint(path)
+        except (ValueError, OSError):
+            continue
+        return path
+    return None
+
+
+def _delete_checkpoint(path: str) -> None:
+    # Rename first, so an interrupted deletion never leaves a half-deleted ``step_<N>``.
+    parent, name = os.path.split(path)
+    trash = os.path.join(parent, f".{name}.trash")
+    _remove_tree(trash)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def create_checkpoint_fn(
+    directory: str | os.PathLike[str], every: int = 1, keep_last: int | None = None
+) -> Callable[[TrainingState], str | None]:
+    """Builds the ``checkpoint_fn(state) -> path | None`` that ``train`` calls each iteration.
+
+    The function saves ``state`` to ``directory/step_{state.iteration:08d}`` (via
+    ``save_checkpoint``) when ``state.iteration % every == 0`` and returns that path, else
+    returns ``None`` and does nothing. With ``keep_last = K`` it then deletes the checkpoints
+    ``step_<N>`` with ``N < state.iteration`` beyond the ``K`` most recent ones with
+    ``N <= state.iteration``; newer ones (``N > state.iteration``, left by a run resumed from an
+    earlier checkpoint) are left alone. Its decisions depend only on ``state.iteration`` and the
+    directory listing: no hidden counter.
+
+    Args:
+      directory: where checkpoints go (created on first save).
+      every: save every ``every`` iterations (a positive int).
+      keep_last: how many recent checkpoints to keep (a positive int), ``None`` keeps all.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    if keep_last is not None and (
+        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+    ):
+        raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+
+    def checkpoint_fn(state: TrainingState) -> str | None:
+        if not isinstance(state, TrainingState):
+            raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
+        iteration = _check_int(state.iteration, "state.iteration")
+        if iteration % every:
+            return None
+        path = save_checkpoint(state, os.path.join(directory, f"step_{iteration:08d}"))
+        if keep_last is not None:
+            older = [p for n, p in _list_checkpoints(directory) if n <= iteration]
+            for stale in older[:-keep_last]:
+                _delete_checkpoint(stale)
+        return path
+
+    return checkpoint_fn
