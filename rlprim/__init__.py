@@ -13,11 +13,14 @@ from rlprim import data as _data
 from rlprim import inference as _inference
 from rlprim import kl as _kl
 from rlprim import logging as _logging
+from rlprim import logprobs as _logprobs
 from rlprim import losses as _losses
 from rlprim import protocols as _protocols
 from rlprim import reward_models as _reward_models
 from rlprim import rewards as _rewards
+from rlprim import rollouts as _rollouts
 from rlprim import tools as _tools
+from rlprim import training as _training
 from rlprim import types as _types
 from rlprim.advantages import *  # noqa: F401,F403
 from rlprim.algorithms import *  # noqa: F401,F403
@@ -28,11 +31,14 @@ from rlprim.data import *  # noqa: F401,F403
 from rlprim.inference import *  # noqa: F401,F403
 from rlprim.kl import *  # noqa: F401,F403
 from rlprim.logging import *  # noqa: F401,F403
+from rlprim.logprobs import *  # noqa: F401,F403
 from rlprim.losses import *  # noqa: F401,F403
 from rlprim.protocols import *  # noqa: F401,F403
 from rlprim.reward_models import *  # noqa: F401,F403
 from rlprim.rewards import *  # noqa: F401,F403
+from rlprim.rollouts import *  # noqa: F401,F403
 from rlprim.tools import *  # noqa: F401,F403
+from rlprim.training import *  # noqa: F401,F403
 from rlprim.types import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
@@ -47,9 +53,12 @@ __all__ = [
     *_reward_models.__all__,
     *_algorithms.__all__,
     *_inference.__all__,
+    *_logprobs.__all__,
     *_tools.__all__,
+    *_rollouts.__all__,
     *_batching.__all__,
     *_checkpoint.__all__,
+    *_training.__all__,
     *_critic.__all__,
     *_data.__all__,
     *_logging.__all__,

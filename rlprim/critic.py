@@ -1,0 +1,113 @@
+"""Critics for PPO: a value model built from the policy's architecture, and per-token values.
+
+A value model is any ``nn.Module`` mapping ``(input_ids, attention_mask)`` to per-position
+scalars. ``create_value_model`` builds the usual one (Ziegler et al. 2019; Ouyang et al. 2022):
+a copy of the policy's transformer trunk with a scalar head (Hugging Face
+``AutoModelForTokenClassification`` with ``num_labels=1``), the head zero-initialised so the
+first values are 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["create_value_model", "get_values"]
+
+
+def create_value_model(policy: nn.Module, init_from_policy: bool = True) -> nn.Module:
+    """A critic with the policy's architecture: trunk + scalar head, ``V(s_t)`` per position.
+
+    ``V = w · h_t + b`` on the trunk's last hidden state ``h_t``; ``w`` and ``b`` start at 0.
+    The trunk starts as a copy of the policy's (``init_from_policy``) or freshly initialised.
+
+    Args:
+      policy: a Hugging Face causal LM (its ``config`` and ``base_model`` are used).
+      init_from_policy: copy the policy's trunk weights into the critic.
+    Returns:
+      An ``AutoModelForTokenClassification`` (``num_labels=1``) on the policy's device and dtype,
+      in eval mode (no dropout), like the policy during training.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    config = getattr(policy, "config", None)
+    if config is None:
+        raise TypeError(
+            f"policy must be a Hugging Face model with a .config, got {type(policy).__name__}"
+        )
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    # No dropout in the head: values at sampling and training time must agree.
+    config = config.__class__.from_dict({**fields, "num_labels": 1, "classifier_dropout": 0.0})
+    param = next(policy.parameters())
+    value_model = AutoModelForTokenClassification.from_config(config).to(
+        device=param.device, dtype=param.dtype
+    )
+    if init_from_policy:
+        missing, unexpected = value_model.base_model.load_state_dict(
+            policy.base_model.state_dict(), strict=False
+        )
+        if unexpected:
+            raise ValueError(f"policy trunk has weights the critic lacks: {unexpected[:5]}")
+    value_model.eval()
+    head = _value_head(value_model)
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    return value_model
+
+
+def _value_head(value_model: nn.Module) -> nn.Linear:
+    for name in ("score", "classifier"):
+        head = getattr(value_model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise TypeError(f"cannot find the scalar head of {type(value_model).__name__}")
+
+
+def get_values(
+    value_model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_length: int,
+    completion_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token values ``V_t`` of the completion tokens: ``[B, Tc]``.
+
+    ``V_t`` is the value of the state *before* completion token ``t`` is emitted, i.e. the
+    critic's output at position ``Tp + t - 1`` of the ``[prompt | completion]`` sequence — the
+    same alignment as the log-prob of token ``t``. Position ids follow the attention mask (left
+    padding), as in generation.
+
+    Args:
+      value_model: a critic (``create_value_model``) returning ``logits [B, T, 1]``, or any
+        callable ``(input_ids, attention_mask) -> [B, T]``.
+      input_ids: ``[B, T]`` prompt and completion ids.
+      attention_mask: ``[B, T]``.
+      completion_length: ``Tc``, the number of completion columns at the end of ``input_ids``.
+      completion_mask: optional ``[B, Tc]``; values are zeroed where it is 0.
+    Returns:
+      ``[B, Tc]`` float values.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            "input_ids and attention_mask must both be [B, T], got "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
+    T = input_ids.shape[1]
+    if not 1 <= completion_length < T:
+        raise ValueError(f"completion_length must be in [1, {T - 1}], got {completion_length}")
+    if isinstance(value_model, nn.Module) and hasattr(value_model, "config"):
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = value_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
+        values = out.logits[..., 0]
+    else:
+        values = value_model(input_ids, attention_mask)
+    values = values[:, T - completion_length - 1 : T - 1].float()
+    if completion_mask is not None:
+        values = values * completion_mask.to(values.dtype)
+    return values

@@ -1,0 +1,684 @@
+"""The training loop, composed only of rlprim's public primitives.
+
+``training_step`` makes one optimizer update from a ``Batch``; ``training_iteration`` does one
+round of generate → score → (KL) → advantages → ``num_epochs`` × minibatches of
+``training_step`` → reference update; ``train`` repeats iterations with logging, evaluation and
+checkpoints; ``quick_start_training`` is the one-liner on top.
+
+State: ``TrainingState`` carries the models and the optimizer. As everywhere in rlprim the
+functions return a new ``TrainingState``; the one exception to purity is that the policy's
+(and critic's) weights and the optimizer's state are updated in place, as PyTorch does.
+The policy stays in eval mode throughout (no dropout), so log-probs at sampling and training
+time are computed by the same function.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from rlprim.algorithms import (
+    ALGORITHMS,
+    compute_advantages_by_algorithm,
+    compute_loss_by_algorithm,
+    create_algorithm_config,
+    get_algorithm,
+    requires_reference_model,
+    validate_algorithm_config,
+)
+from rlprim.batching import (
+    microbatch_loss_weights,
+    pack_by_length,
+    rollouts_to_batch,
+    split_minibatches,
+)
+from rlprim.critic import create_value_model, get_values
+from rlprim.inference import hf_generator
+from rlprim.kl import compute_per_token_kl, create_reference_model, update_reference_model
+from rlprim.logprobs import get_logprobs, get_reference_logprobs
+from rlprim.rewards import apply_reward_shaping, compute_batch_rewards
+from rlprim.rollouts import create_batch_rollouts, sample_until_informative
+from rlprim.types import (
+    AlgorithmConfig,
+    Batch,
+    GenerationConfig,
+    Schedule,
+    TrainingState,
+    TrainingStats,
+)
+
+__all__ = [
+    "create_training_state",
+    "default_optimizer_step",
+    "training_step",
+    "training_iteration",
+    "train",
+    "resolve_schedule",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# State.
+# --------------------------------------------------------------------------------------------
+
+
+def create_training_state(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    algorithm_config: AlgorithmConfig | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    learning_rate: float = 1e-5,
+    ref_model: torch.nn.Module | None = None,
+    value_model: torch.nn.Module | None = None,
+    scheduler: Any = None,
+    registry: Mapping[str, Any] = ALGORITHMS,
+) -> TrainingState:
+    """A ``TrainingState`` ready for ``train``: reference and critic built when needed.
+
+    The reference model is a frozen copy of the policy (``create_reference_model``) when the
+    algorithm needs one (``requires_reference_model``: β > 0 or DPO) and none is given; the
+    critic is ``create_value_model(policy)`` when the algorithm trains one. The default
+    optimizer is AdamW over the policy's (and critic's) trainable parameters.
+
+    Args:
+      policy: the causal LM to train.
+      tokenizer: its tokenizer.
+      algorithm_config: the configuration (default ``create_algorithm_config("grpo")``).
+      optimizer: a ready optimizer, or ``None`` for ``AdamW(lr=learning_rate)``.
+      learning_rate: AdamW's learning rate when ``optimizer`` is ``None``.
+      ref_model: a reference model to use instead of a copy of the policy.
+      value_model: a critic to use instead of ``create_value_model(policy)``.
+      scheduler: an optional learning-rate scheduler stepped after each update.
+      registry: where to look the algorithm up.
+    Returns:
+      ``TrainingState(step=0, iteration=0, kl_coef=config.kl_coef, loader_state={"position": 0})``.
+    """
+    config = algorithm_config or create_algorithm_config("grpo", registry=registry)
+    validate_algorithm_config(config)
+    algorithm = get_algorithm(config.name, registry)
+    if ref_model is None and requires_reference_model(config, registry):
+        ref_model = create_reference_model(policy)
+    if value_model is None and algorithm.needs_value:
+        value_model = create_value_model(policy)
+    if optimizer is None:
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        params = [p for p in policy.parameters() if p.requires_grad]
+        if value_model is not None:
+            params += [p for p in value_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    policy.eval()
+    if value_model is not None:
+        value_model.eval()
+    return TrainingState(
+        policy=policy,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        ref_model=ref_model,
+        value_model=value_model,
+        step=0,
+        kl_coef=float(config.kl_coef),
+        config=config,
+        scheduler=scheduler,
+        iteration=0,
+        loader_state={"position": 0},
+    )
+
+
+def resolve_schedule(value: Any, iteration: int) -> Any:
+    """``value.fn(iteration)`` when ``value`` is a ``Schedule``, else ``value`` itself.
+
+    ``train`` resolves ``algorithm_config`` and ``reward_fn`` with it each iteration; an
+    ``algorithm_config`` may also be a plain function of the iteration.
+
+    Args:
+      value: a ``Schedule`` or a constant.
+      iteration: the iteration index.
+    """
+    if isinstance(value, Schedule):
+        return value.fn(iteration)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer update.
+# --------------------------------------------------------------------------------------------
+
+
+def default_optimizer_step(state: TrainingState) -> None:
+    """The default ``optimizer_step_fn``: ``optimizer.step()`` then ``scheduler.step()``.
+
+    Called by ``training_step`` after the gradients were accumulated, clipped to
+    ``max_grad_norm`` and found finite. Replace it to add e.g. weight averaging.
+
+    Args:
+      state: the current state (its ``optimizer`` and ``scheduler`` are stepped).
+    """
+    state.optimizer.step()
+    if state.scheduler is not None:
+        state.scheduler.step()
+
+
+def _trainable_parameters(state: TrainingState) -> list[torch.nn.Parameter]:
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    return [p for p in params if p.requires_grad]
+
+
+def _micro_batches(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
+    if micro_batch_size is None or micro_batch_size >= batch.completion_ids.shape[0]:
+        return [batch]
+    return pack_by_length(batch, max_sequences=micro_batch_size)
+
+
+def _model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([batch.prompt_ids, batch.completion_ids], dim=1), batch.attention_mask
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def training_step(
+    state: TrainingState,
+    batch: Batch,
+    algorithm_config: AlgorithmConfig,
+    loss_fn: Callable[..., Any] | None = None,
+    optimizer_step_fn: Callable[[TrainingState], None] | None = None,
+    temperature: float = 1.0,
+    registry: Mapping[str, Any] = ALGORITHMS,
+    logprob_extractor: Callable[..., Any] | None = None,
+) -> tuple[TrainingState, TrainingStats]:
+    """One optimizer update over ``batch``, with gradient accumulation and a finiteness guard.
+
+    The batch is cut into length-packed micro-batches of at most
+    ``algorithm_config.micro_batch_size`` rows; micro-batch ``i``'s loss is scaled by
+    ``w_i`` (``microbatch_loss_weights``) so the accumulated gradient is the gradient of the
+    full-batch loss. Then the global gradient norm is clipped to ``max_grad_norm``. If any loss
+    or the gradient norm is not finite the update is skipped: gradients are dropped, weights and
+    optimizer state stay bit-identical, and ``stats.skipped_updates == 1``.
+
+    Args:
+      state: the current state.
+      batch: ``Batch`` with completion ``[B, Tc]`` tensors and advantages.
+      algorithm_config: the algorithm configuration.
+      loss_fn: a ``LossFn`` replacing the registry's.
+      optimizer_step_fn: ``fn(state) -> None`` replacing ``default_optimizer_step``.
+      temperature: the sampling temperature (log-probs use ``logits / temperature``).
+      registry: where to look the algorithm up.
+      logprob_extractor: replacement for ``get_logprobs`` with its signature.
+    Returns:
+      ``(state._replace(step=step + 1), stats)``; ``step`` advances even when skipped.
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(f"batch must be an rlprim.Batch, got {type(batch).__name__}")
+    config = algorithm_config
+    if config.norm_length is None and config.loss_agg_mode == "seq-mean-token-sum-norm":
+        # The constant of Dr. GRPO must not change between micro-batches.
+        config = config._replace(norm_length=int(batch.completion_ids.shape[1]))
+    algorithm = get_algorithm(config.name, registry)
+    extract = logprob_extractor or get_logprobs
+    step_fn = optimizer_step_fn or default_optimizer_step
+    params = _trainable_parameters(state)
+    micro = _micro_batches(batch, config.micro_batch_size)
+    weights = microbatch_loss_weights(micro, config.loss_agg_mode)
+    want_entropy = True
+
+    state.optimizer.zero_grad(set_to_none=True)
+    finite = True
+    losses, metrics_seen, entropies = [], [], []
+    for mb, weight in zip(micro, weights, strict=True):
+        input_ids, attention_mask = _model_inputs(mb)
+        tc = mb.completion_ids.shape[1]
+        out = extract(
+            state.policy,
+            input_ids,
+            attention_mask,
+            temperature=temperature,
+            completion_length=tc,
+            return_entropy=want_entropy,
+        )
+        new_logprobs, entropy = out if want_entropy else (out, None)
+        extras: dict[str, Any] = {"kl_coef": state.kl_coef}
+        if entropy is not None:
+            extras["entropy"] = entropy
+        if algorithm.needs_value:
+            if state.value_model is None:
+                raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
+            extras["new_values"] = get_values(state.value_model, input_ids, attention_mask, tc)
+        loss, metrics = compute_loss_by_algorithm(
+            config, mb, new_logprobs, registry=registry, loss_fn=loss_fn, **extras
+        )
+        if not torch.isfinite(loss):
+            finite = False
+            break
+        if weight:
+            (loss * weight).backward()
+        losses.append(float(loss.detach()) * weight)
+        metrics_seen.append((weight, dict(metrics)))
+        if entropy is not None:
+            m = mb.completion_mask
+            entropies.append((float((entropy.detach() * m).sum()), float(m.sum())))
+
+    grad_norm = float("nan")
+    if finite:
+        max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+        grad_norm = float(norm)
+        finite = math.isfinite(grad_norm)
+    if finite:
+        step_fn(state)
+    state.optimizer.zero_grad(set_to_none=True)
+
+    def metric(name: str) -> float:
+        vals = [(w, m[name]) for w, m in metrics_seen if name in m]
+        total = sum(w for w, _ in vals)
+        return sum(w * v for w, v in vals) / total if vals and total else float("nan")
+
+    mask = batch.completion_mask
+    tokens = float(mask.sum())
+    ent_tokens = sum(n for _, n in entropies)
+    stats = TrainingStats(
+        step=state.step,
+        loss=sum(losses) if finite else float("nan"),
+        policy_loss=metric("policy_loss") if finite else float("nan"),
+        value_loss=metric("value_loss") if finite else float("nan"),
+        kl=metric("kl"),
+        kl_coef=state.kl_coef,
+        entropy=sum(s for s, _ in entropies) / ent_tokens if ent_tokens else float("nan"),
+        clip_fraction=metric("clip_fraction"),
+        approx_kl=metric("approx_kl"),
+        grad_norm=grad_norm,
+        num_tokens=int(tokens),
+        num_sequences=int(batch.completion_ids.shape[0]),
+        skipped_updates=0 if finite else 1,
+    )
+    return state._replace(step=state.step + 1), stats
+
+
+# --------------------------------------------------------------------------------------------
+# One iteration: generate, score, advantages, update.
+# --------------------------------------------------------------------------------------------
+
+
+def _no_grad_logprobs(model, batch: Batch, temperature: float, micro_batch_size, extract):
+    input_ids, attention_mask = _model_inputs(batch)
+    tc = batch.completion_ids.shape[1]
+    rows = batch.completion_ids.shape[0]
+    size = micro_batch_size or rows
+    parts = []
+    with torch.no_grad():
+        for i in range(0, rows, size):
+            parts.append(
+                extract(
+                    model,
+                    input_ids[i : i + size],
+                    attention_mask[i : i + size],
+                    temperature=temperature,
+                    completion_length=tc,
+                )
+            )
+    return torch.cat(parts) * batch.completion_mask
+
+
+def _shaped_rewards(rollouts, rewards, config: AlgorithmConfig, gen_config, shaping_fn):
+    if not (config.overlong_shaping or shaping_fn is not None):
+        return rewards
+    lengths = torch.tensor(
+        [len(r.completion_ids or r.generation.token_ids) for r in rollouts], dtype=torch.float32
+    )
+    max_len = config.max_response_len or gen_config.max_new_tokens
+    buffer = None
+    if config.overlong_shaping:
+        buffer = config.overlong_buffer_len or max(1, max_len // 5)
+    return apply_reward_shaping(
+        rewards,
+        lengths,
+        shaping_fn=shaping_fn,
+        overlong_buffer_len=buffer,
+        max_response_len=max_len if buffer is not None else None,
+        overlong_penalty=config.overlong_penalty,
+    )
+
+
+def _sample_and_score(
+    state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
+    group_offset,
+):
+    """Rollouts for ``prompts`` with shaped scalar rewards ``[B]`` set on each rollout."""
+
+    def sample(seed_offset: int):
+        cfg = gen_config
+        if seed_offset and gen_config.seed is not None:
+            cfg = gen_config._replace(seed=gen_config.seed + 100_003 * seed_offset)
+        rollouts = create_batch_rollouts(
+            state.policy, state.tokenizer, prompts, cfg, generator=generator,
+            group_offset=group_offset,
+        )
+        rewards = compute_batch_rewards(rollouts, reward_fn, aggregator)
+        rewards = _shaped_rewards(rollouts, rewards, config, gen_config, shaping_fn)
+        return [r._replace(rewards=float(x)) for r, x in zip(rollouts, rewards, strict=True)]
+
+    if not config.filter_groups:
+        return sample(0), {}
+    rollouts, ds = sample_until_informative(
+        sample, target_groups=len(prompts), max_rounds=config.max_sampling_rounds
+    )
+    return rollouts, {f"dynamic_sampling/{k}": float(v) for k, v in ds._asdict().items()}
+
+
+def training_iteration(
+    state: TrainingState,
+    prompts: Sequence[Any],
+    gen_config: GenerationConfig,
+    algorithm_config: AlgorithmConfig,
+    reward_fn: Callable[..., Any],
+    generator: Callable[..., Any] = hf_generator,
+    ref_model_update_fn: Callable[..., Any] | None = None,
+    *,
+    aggregator: Callable[..., Any] | None = None,
+    shaping_fn: Callable[..., Any] | None = None,
+    advantage_fn: Callable[..., Any] | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+    optimizer_step_fn: Callable[[TrainingState], None] | None = None,
+    kl_controller: Callable[..., float] | None = None,
+    registry: Mapping[str, Any] = ALGORITHMS,
+    logprob_extractor: Callable[..., Any] | None = None,
+) -> tuple[TrainingState, TrainingStats]:
+    """One RL iteration: rollouts → rewards → (KL) → advantages → updates → reference update.
+
+    1. ``G = gen_config.num_samples`` completions per prompt from ``generator`` (one call).
+    2. Rewards ``reward_fn(rollout)`` (vector rewards reduced by ``aggregator``), then
+       shaping (DAPO overlong punishment when ``config.overlong_shaping``, or ``shaping_fn``);
+       with ``config.filter_groups`` groups of equal rewards are dropped and re-sampled
+       (``sample_until_informative``, at most ``config.max_sampling_rounds`` rounds).
+    3. Reference log-probs only when ``requires_reference_model`` (β > 0 or DPO): with β = 0
+       the reference model is never run. Per-token KL of the sampling log-probs to the
+       reference (``config.kl_estimator``) for stats and for ``kl_in_reward``.
+    4. Critic values (PPO), advantages (``advantage_fn`` or the registry's).
+    5. ``num_epochs`` × shuffled minibatches of ``training_step``. With one epoch and one
+       minibatch the ratio's old log-probs are the detached current ones (no extra forward);
+       otherwise they are the sampling log-probs the generator returned (or one no-grad
+       forward when it returned none).
+    6. ``kl_controller(kl_coef, observed_kl, n_steps=B)`` updates β when given
+       (``create_adaptive_kl_controller``); otherwise β is ``config.kl_coef``.
+    7. ``ref_model_update_fn(ref_model, policy, step)`` refreshes the reference.
+
+    Args:
+      state: the current state.
+      prompts: prompt items (``str`` or ``{"prompt": ..., **metadata}``).
+      gen_config: sampling configuration.
+      algorithm_config: the algorithm configuration.
+      reward_fn: ``reward_fn(rollout) -> float | Sequence[float]``.
+      generator: ``generator(model, tokenizer, prompts, config) -> list[Generation]``.
+      ref_model_update_fn: ``fn(ref_model, policy, step) -> ref_model`` or ``None``.
+      aggregator: reduces vector rewards ``[B, K] -> [B]``.
+      shaping_fn: ``fn(rewards [B], lengths [B]) -> rewards [B]``.
+      advantage_fn: replaces the registry's advantage function.
+      loss_fn: replaces the registry's loss function.
+      optimizer_step_fn: replaces ``default_optimizer_step``.
+      kl_controller: ``fn(coef, observed_kl, n_steps) -> coef``.
+      registry: where to look the algorithm up.
+      logprob_extractor: replacement for ``get_logprobs``.
+    Returns:
+      ``(new_state, stats)`` with the iteration's statistics and phase timings.
+    """
+    config = validate_algorithm_config(algorithm_config)
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    algorithm = get_algorithm(config.name, registry)
+    kl_coef = state.kl_coef if kl_controller is not None else float(config.kl_coef)
+    state = state._replace(kl_coef=kl_coef)
+    extract = logprob_extractor or get_logprobs
+    temperature = gen_config.temperature
+    if config.loss_agg_mode == "seq-mean-token-sum-norm" and config.norm_length is None:
+        config = config._replace(norm_length=gen_config.max_new_tokens)
+
+    t0 = time.perf_counter()
+    rollouts, sampling_stats = _sample_and_score(
+        state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn, 0
+    )
+    time_generate = time.perf_counter() - t0
+    if not rollouts:
+        stats = TrainingStats(
+            step=state.step, kl_coef=kl_coef, skipped_updates=1, time_generate=time_generate,
+            extra={"no_informative_groups": 1.0, **sampling_stats},
+        )
+        return state, stats
+
+    batch = rollouts_to_batch(rollouts, state.tokenizer)
+    rewards = batch.rewards
+    mask = batch.completion_mask
+    num_minibatches = 1
+    if config.minibatch_size is not None:
+        num_minibatches = math.ceil(batch.completion_ids.shape[0] / config.minibatch_size)
+    on_policy = config.num_epochs == 1 and num_minibatches == 1
+
+    t1 = time.perf_counter()
+    sampling_logprobs = batch.old_logprobs
+    if sampling_logprobs is None and (not on_policy or requires_reference_model(config, registry)):
+        sampling_logprobs = _no_grad_logprobs(
+            state.policy, batch, temperature, config.micro_batch_size, extract
+        )
+    ref_logprobs = kl = None
+    kl_mean = float("nan")
+    if requires_reference_model(config, registry):
+        if state.ref_model is None:
+            raise ValueError(
+                f"algorithm {config.name!r} with kl_coef={kl_coef} needs state.ref_model, got None"
+            )
+        input_ids, attention_mask = _model_inputs(batch)
+        ref_logprobs = (
+            get_reference_logprobs(
+                state.ref_model,
+                input_ids,
+                attention_mask,
+                temperature=temperature,
+                completion_length=batch.completion_ids.shape[1],
+            )
+            * mask
+        )
+        kl = compute_per_token_kl(sampling_logprobs, ref_logprobs, config.kl_estimator) * mask
+        kl_mean = float(kl.sum() / mask.sum().clamp(min=1))
+    values = None
+    if algorithm.needs_value:
+        if state.value_model is None:
+            raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
+        input_ids, attention_mask = _model_inputs(batch)
+        with torch.no_grad():
+            values = get_values(
+                state.value_model, input_ids, attention_mask, batch.completion_ids.shape[1], mask
+            )
+    time_reference = time.perf_counter() - t1
+
+    group_size = gen_config.num_samples
+    adv = compute_advantages_by_algorithm(
+        config,
+        rewards,
+        registry=registry,
+        advantage_fn=advantage_fn,
+        group_size=group_size,
+        mask=mask,
+        values=values,
+        kl=kl,
+        kl_coef=kl_coef,
+    )
+    returns = None
+    if isinstance(adv, tuple):
+        adv, returns = adv
+    batch = batch._replace(
+        advantages=adv,
+        returns=returns,
+        values=values,
+        ref_logprobs=ref_logprobs,
+        old_logprobs=None if on_policy else sampling_logprobs,
+    )
+
+    t2 = time.perf_counter()
+    step_stats: list[TrainingStats] = []
+    for epoch in range(config.num_epochs):
+        if num_minibatches == 1:
+            minibatches = [batch]
+        else:
+            minibatches = split_minibatches(
+                batch, config.minibatch_size, shuffle_seed=state.step * 1009 + epoch
+            )
+        for mb in minibatches:
+            state, s = training_step(
+                state, mb, config, loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn,
+                temperature=temperature, registry=registry, logprob_extractor=logprob_extractor,
+            )
+            step_stats.append(s)
+    time_train = time.perf_counter() - t2
+
+    if kl_controller is not None and math.isfinite(kl_mean):
+        state = state._replace(
+            kl_coef=float(kl_controller(kl_coef, kl_mean, batch.completion_ids.shape[0]))
+        )
+    if ref_model_update_fn is not None and state.ref_model is not None:
+        state = state._replace(
+            ref_model=update_reference_model(
+                state.ref_model, state.policy, ref_model_update_fn, state.step
+            )
+        )
+
+    lengths = mask.sum(dim=1)
+    extra = {**sampling_stats}
+    stats = TrainingStats(
+        step=state.step,
+        loss=_mean([s.loss for s in step_stats]),
+        policy_loss=_mean([s.policy_loss for s in step_stats]),
+        value_loss=_mean([s.value_loss for s in step_stats]),
+        kl=kl_mean,
+        kl_coef=state.kl_coef,
+        entropy=_mean([s.entropy for s in step_stats]),
+        reward_mean=float(rewards.mean()),
+        reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        clip_fraction=_mean([s.clip_fraction for s in step_stats]),
+        approx_kl=_mean([s.approx_kl for s in step_stats]),
+        grad_norm=_mean([s.grad_norm for s in step_stats]),
+        num_tokens=int(mask.sum()),
+        num_sequences=int(mask.shape[0]),
+        skipped_updates=sum(s.skipped_updates for s in step_stats),
+        response_length=float(lengths.float().mean()),
+        time_generate=time_generate,
+        time_reference=time_reference,
+        time_train=time_train,
+        extra=extra or None,
+    )
+    return state, stats
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def train(
+    initial_state: TrainingState,
+    prompt_loader: Callable[[int], Sequence[Any]],
+    num_iterations: int,
+    gen_config: GenerationConfig,
+    algorithm_config: AlgorithmConfig | Schedule | Callable[[int], AlgorithmConfig],
+    reward_fn: Callable[..., Any] | Schedule,
+    ref_model_update_fn: Callable[..., Any] | None = None,
+    checkpoint_fn: Callable[[TrainingState], Any] | None = None,
+    eval_fn: Callable[[TrainingState], Mapping[str, float]] | None = None,
+    logger: Callable[..., None] | None = None,
+    generator: Callable[..., Any] = hf_generator,
+    *,
+    eval_every: int = 1,
+    progress: bool = True,
+    **iteration_kwargs: Any,
+) -> TrainingState:
+    """Run iterations ``state.iteration … num_iterations - 1`` and return the final state.
+
+    Each iteration ``i``: prompts ``prompt_loader(position)`` (position from
+    ``state.loader_state``), the algorithm config and reward function resolved for ``i``
+    (``Schedule`` s — or a plain function for ``algorithm_config`` — switch algorithm, KL
+    coefficient or reward mid-training), the sampling seed ``gen_config.seed + i`` (so a
+    resumed run samples what the uninterrupted one would), ``training_iteration``, then
+    ``eval_fn(state)`` every ``eval_every`` iterations (its metrics go to ``stats.extra``),
+    ``logger(stats)`` and ``checkpoint_fn(state)``. A tqdm bar shows reward, KL and step time.
+    Resuming is ``train(load_checkpoint(path, state), ...)`` with the same arguments.
+
+    Args:
+      initial_state: from ``create_training_state`` or ``load_checkpoint``.
+      prompt_loader: ``fn(position) -> list of prompt items`` (``create_prompt_loader``).
+      num_iterations: the iteration count to reach (not the number still to run).
+      gen_config: sampling configuration (its ``seed`` is offset by the iteration).
+      algorithm_config: an ``AlgorithmConfig``, a ``Schedule`` or ``fn(iteration) -> config``.
+      reward_fn: a ``RewardFn`` or a ``Schedule`` of them.
+      ref_model_update_fn: ``fn(ref_model, policy, step) -> ref_model``.
+      checkpoint_fn: ``fn(state)`` called after every iteration (``create_checkpoint_fn``).
+      eval_fn: ``fn(state) -> {name: value}``.
+      logger: ``fn(stats)`` (``log_to_console``, ``create_jsonl_logger``, …).
+      generator: the ``Generator``.
+      eval_every: evaluate every this many iterations (and after the last).
+      progress: show the tqdm progress bar.
+      **iteration_kwargs: passed to ``training_iteration`` (``aggregator``, ``advantage_fn``,
+        ``loss_fn``, ``optimizer_step_fn``, ``kl_controller``, ``registry``, …).
+    Returns:
+      The final ``TrainingState``.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(num_iterations, int) or num_iterations < 0:
+        raise ValueError(f"num_iterations must be an int ≥ 0, got {num_iterations!r}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be ≥ 1, got {eval_every}")
+    state = initial_state
+    start = state.iteration
+    bar = tqdm(
+        total=max(0, num_iterations - start), disable=not progress, desc="rlprim", leave=True
+    )
+    t_start = time.perf_counter()
+    try:
+        for iteration in range(start, num_iterations):
+            config = resolve_schedule(algorithm_config, iteration)
+            if callable(config) and not isinstance(config, AlgorithmConfig):
+                config = config(iteration)
+            if not isinstance(config, AlgorithmConfig):
+                raise TypeError(
+                    f"algorithm_config for iteration {iteration} must be an AlgorithmConfig, "
+                    f"got {type(config).__name__}"
+                )
+            fn = resolve_schedule(reward_fn, iteration)
+            position = int((state.loader_state or {}).get("position", iteration))
+            prompts = prompt_loader(position)
+            cfg = gen_config
+            if gen_config.seed is not None:
+                cfg = gen_config._replace(seed=gen_config.seed + iteration)
+            state, stats = training_iteration(
+                state, prompts, cfg, config, fn, generator, ref_model_update_fn,
+                **iteration_kwargs,
+            )
+            # rng_state=None: the live RNG is the truth (a loaded state's saved RNG is stale).
+            state = state._replace(
+                iteration=iteration + 1, loader_state={"position": position + 1}, rng_state=None
+            )
+            extra = dict(stats.extra or {})
+            extra["iteration"] = float(iteration)
+            extra["algorithm"] = config.name
+            extra["wall_time"] = time.perf_counter() - t_start
+            if eval_fn is not None and (
+                (iteration + 1) % eval_every == 0 or iteration + 1 == num_iterations
+            ):
+                extra.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
+            stats = stats._replace(step=iteration, extra=extra)
+            if logger is not None:
+                logger(stats)
+            if checkpoint_fn is not None:
+                checkpoint_fn(state)
+            bar.update(1)
+            step_time = stats.time_generate + stats.time_reference + stats.time_train
+            bar.set_postfix(
+                reward=f"{stats.reward_mean:.3f}", kl=f"{stats.kl:.4f}", s=f"{step_time:.2f}"
+            )
+    finally:
+        bar.close()
+    return state
