@@ -2,7 +2,7 @@
 
 The centre is the **generator** protocol (``rlprim.protocols.Generator``)::
 
-    generator(model, tokenizer, prompts: Sequence[str], config: GenerationConfig)
+    generator(model, tokenizer, prompts: Sequence[str | Sequence[int]], config: GenerationConfig)
         -> list[Generation]      # len(prompts) * config.num_samples, groups consecutive
 
 Output order: ``result[i * G + j]`` is sample ``j`` of ``prompts[i]`` (``G = num_samples``), so
@@ -314,10 +314,11 @@ def apply_chat_template(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_prompts(prompts: Any) -> list[str]:
+def _check_prompts(prompts: Any) -> list[str | list[int]]:
+    """Prompts are texts, or token-id lists used verbatim (multi-turn rollouts pass those)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(
-            f"prompts must be a list of str, got {type(prompts).__name__}"
+            f"prompts must be a list of str or of token-id lists, got {type(prompts).__name__}"
             + (
                 " (wrap a single prompt in a list, or use generate)"
                 if isinstance(prompts, str)
@@ -326,10 +327,23 @@ def _check_prompts(prompts: Any) -> list[str]:
         )
     if len(prompts) == 0:
         raise ValueError("prompts must hold at least one prompt, got an empty sequence")
+    checked: list[str | list[int]] = []
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
-    return list(prompts)
+        if isinstance(prompt, str):
+            checked.append(prompt)
+            continue
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Sequence) or not prompt:
+            raise TypeError(
+                f"prompts[{i}] must be a str or a non-empty list of token ids, "
+                f"got {type(prompt).__name__}"
+            )
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise TypeError(f"prompts[{i}] must hold non-negative int token ids, got {ids[:8]}")
+        checked.append(ids)
+    return checked
 
 
 def _check_generation_config(config: Any) -> None:
@@ -420,17 +434,21 @@ def _check_prompt_lengths(
         )
 
 
-def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+def _encode_prompts(tokenizer: Any, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Token ids of each prompt, without a second BOS when the text already starts with it.
 
     A prompt rendered by a chat template usually begins with the BOS text; tokenizers that add
     BOS (Llama-style) would otherwise double it. Others get the tokenizer's special tokens.
+    Prompts already given as token ids are used verbatim.
     """
     bos = getattr(tokenizer, "bos_token", None)
-    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
-    encoded: list[list[int] | None] = [None] * len(prompts)
+    encoded: list[list[int] | None] = [
+        None if isinstance(p, str) else [int(t) for t in p] for p in prompts
+    ]
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    has_bos = {i: bool(bos) and prompts[i].startswith(bos) for i in texts}
     for flag in (False, True):
-        indices = [i for i, h in enumerate(has_bos) if h == flag]
+        indices = [i for i in texts if has_bos[i] == flag]
         if not indices:
             continue
         ids = tokenizer([prompts[i] for i in indices], add_special_tokens=not flag)["input_ids"]
@@ -661,12 +679,13 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def hf_generator(
-    model: Any, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig
+    model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]], config: GenerationConfig
 ) -> list[Generation]:
     """Sample ``config.num_samples`` completions per prompt with Hugging Face ``generate``.
 
-    One batched ``model.generate`` call per ``config.batch_size`` prompts (``None``: all),
-    each prompt repeated ``G = num_samples`` times as consecutive rows, left-padded, with the KV
+    A prompt is a text (encoded here) or a list of token ids (used verbatim, e.g. the ids so
+    far of a multi-turn rollout). One batched ``model.generate`` call per ``config.batch_size``
+    prompts (``None``: all), each prompt repeated ``G = num_samples`` times as consecutive rows, left-padded, with the KV
     cache. Sampling draws from ``softmax(z / T)`` restricted by top-k then top-p
     (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"); ``do_sample=False``
     takes the argmax. The model's own ``generation_config`` sampling knobs (temperature, top-k,
@@ -742,7 +761,7 @@ def hf_generator(
 def batch_generate(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     config: GenerationConfig,
     generator: Callable[..., list[Generation]] = hf_generator,
 ) -> list[Generation]:

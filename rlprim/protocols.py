@@ -68,6 +68,8 @@ class KLFn(Protocol):
 class Generator(Protocol):
     """``generator(model, tokenizer, prompts, config) -> list[Generation]``.
 
+    ``prompts`` are texts or token-id lists (used verbatim as ``prompt_ids``; multi-turn
+    rollouts pass the token ids so far, never re-tokenising the conversation).
     Returns ``len(prompts) * config.num_samples`` generations, the samples of each prompt
     consecutive, each with its prompt ids, sampled token ids, per-token sampling log-probs under
     ``softmax(logits / config.temperature)`` and a ``finish_reason``. A generator backed by an
@@ -75,7 +77,11 @@ class Generator(Protocol):
     """
 
     def __call__(
-        self, model: Any, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: Sequence[str | Sequence[int]],
+        config: GenerationConfig,
     ) -> list[Generation]: ...
 
 

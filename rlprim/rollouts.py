@@ -629,35 +629,6 @@ def track_tool_calls(rollouts: Sequence[Rollout]) -> dict[str, Any]:
 # =========================================================================== multi-turn
 
 
-def _hf_generator_from_ids(
-    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], config: GenerationConfig
-) -> list[Generation]:
-    """``hf_generator`` for prompts given as token ids (used verbatim as ``prompt_ids``).
-
-    Same batching, sampling, log-probs, stopping and seeding as ``hf_generator``; only the
-    encoding step is skipped. (Goes away once ``hf_generator`` accepts token-id prompts.)
-    """
-    _inference._check_generation_config(config)
-    pad_id = _inference._pad_id(tokenizer)
-    prompt_ids = [list(p) for p in prompts]
-    _inference._check_prompt_lengths(prompt_ids, model, tokenizer, config)
-    eos_ids = _inference._eos_ids(model, tokenizer)
-    batch_size = config.batch_size or len(prompt_ids)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with _inference._seeded(config.seed, device), torch.inference_mode():
-            generations: list[Generation] = []
-            for start in range(0, len(prompt_ids), batch_size):
-                generations.extend(_inference._generate_one_batch(
-                    model, tokenizer, prompt_ids[start : start + batch_size], config, pad_id,
-                    eos_ids))
-    finally:
-        model.train(was_training)
-    return generations
-
-
 def _turn_seed(seed: int | None, turn: int) -> int | None:
     """Turn 0 samples with ``seed`` itself; later turns with distinct derived seeds (the same
     seed every turn would replay the same random numbers at every turn)."""
@@ -951,7 +922,7 @@ def create_batch_multiturn_rollouts(
         tool_executor=tool_executor, stop_condition=stop_condition, env_fn=env_fn,
         max_turns=max_turns, eos_ids=tuple(_inference._eos_ids(model, tokenizer)),
     )
-    call_generator = _hf_generator_from_ids if generator is hf_generator else generator
+    call_generator = generator
     for turn in range(max_turns):
         turn_config = gen_config._replace(
             num_samples=1, seed=_turn_seed(gen_config.seed, turn))

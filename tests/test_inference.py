@@ -686,3 +686,22 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     assert resolve_model_path("rlprim/arith-tiny") == str(tmp_path / "arith-tiny")
     with pytest.raises(TypeError, match="name"):
         resolve_model_path(None)
+
+
+def test_token_id_prompts_equal_text_prompts():
+    from rlprim.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", seed=0)
+    config = GenerationConfig(max_new_tokens=5, num_samples=2, seed=7)
+    texts = ["12+3=", "hello world"]
+    by_text = hf_generator(model, tok, texts, config)
+    ids = [list(g.prompt_ids) for g in by_text[::2]]
+    by_ids = hf_generator(model, tok, ids, config)
+    assert [g.token_ids for g in by_ids] == [g.token_ids for g in by_text]
+    assert [g.logprobs for g in by_ids] == [g.logprobs for g in by_text]
+    assert [list(g.prompt_ids) for g in by_ids[::2]] == ids
+    with pytest.raises(TypeError, match=r"prompts\[1\]"):
+        hf_generator(model, tok, ["a", [1, -2]], config)
+    with pytest.raises(TypeError, match=r"prompts\[0\]"):
+        hf_generator(model, tok, [[]], config)
