@@ -259,7 +259,7 @@ def training_step(
         if not torch.isfinite(loss):
             finite = False
             break
-        if weight:
+        if weight and loss.requires_grad:  # a fully masked batch has no graph
             (loss * weight).backward()
         losses.append(float(loss.detach()) * weight)
         metrics_seen.append((weight, dict(metrics)))
