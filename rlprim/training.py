@@ -407,7 +407,8 @@ def training_iteration(
        minibatch the ratio's old log-probs are the detached current ones (no extra forward);
        otherwise they are the sampling log-probs the generator returned (or one no-grad
        forward when it returned none).
-    6. ``kl_controller(kl_coef, observed_kl, n_steps=B)`` updates β when given
+    6. ``kl_controller(kl_coef, observed_kl, n_steps=B)`` updates β when given, with
+       ``observed_kl`` the batch mean of the per-sequence KL (summed over tokens)
        (``create_adaptive_kl_controller``); otherwise β is ``config.kl_coef``.
     7. ``ref_model_update_fn(ref_model, policy, step)`` refreshes the reference.
 
@@ -468,7 +469,7 @@ def training_iteration(
             state.policy, batch, temperature, config.micro_batch_size, extract
         )
     ref_logprobs = kl = None
-    kl_mean = float("nan")
+    kl_mean = kl_sequence_mean = float("nan")
     if requires_reference_model(config, registry):
         if state.ref_model is None:
             raise ValueError(
@@ -487,6 +488,7 @@ def training_iteration(
         )
         kl = compute_per_token_kl(sampling_logprobs, ref_logprobs, config.kl_estimator) * mask
         kl_mean = float(kl.sum() / mask.sum().clamp(min=1))
+        kl_sequence_mean = float(kl.sum(dim=1).mean())
     values = None
     if algorithm.needs_value:
         if state.value_model is None:
@@ -538,9 +540,12 @@ def training_iteration(
             step_stats.append(s)
     time_train = time.perf_counter() - t2
 
-    if kl_controller is not None and math.isfinite(kl_mean):
+    if kl_controller is not None and math.isfinite(kl_sequence_mean):
+        # Ziegler et al. control the KL of whole sequences (summed over tokens).
         state = state._replace(
-            kl_coef=float(kl_controller(kl_coef, kl_mean, batch.completion_ids.shape[0]))
+            kl_coef=float(
+                kl_controller(kl_coef, kl_sequence_mean, batch.completion_ids.shape[0])
+            )
         )
     if ref_model_update_fn is not None and state.ref_model is not None:
         state = state._replace(
@@ -551,6 +556,8 @@ def training_iteration(
 
     lengths = mask.sum(dim=1)
     extra = {**sampling_stats}
+    if math.isfinite(kl_sequence_mean):
+        extra["kl_sequence"] = kl_sequence_mean
     stats = TrainingStats(
         step=state.step,
         loss=_mean([s.loss for s in step_stats]),
