@@ -19,6 +19,7 @@ from rlprim import protocols as _protocols
 from rlprim import reward_models as _reward_models
 from rlprim import rewards as _rewards
 from rlprim import rollouts as _rollouts
+from rlprim import serialization as _serialization
 from rlprim import tools as _tools
 from rlprim import training as _training
 from rlprim import types as _types
@@ -37,6 +38,7 @@ from rlprim.protocols import *  # noqa: F401,F403
 from rlprim.reward_models import *  # noqa: F401,F403
 from rlprim.rewards import *  # noqa: F401,F403
 from rlprim.rollouts import *  # noqa: F401,F403
+from rlprim.serialization import *  # noqa: F401,F403
 from rlprim.tools import *  # noqa: F401,F403
 from rlprim.training import *  # noqa: F401,F403
 from rlprim.types import *  # noqa: F401,F403
@@ -62,4 +64,5 @@ __all__ = [
     *_critic.__all__,
     *_data.__all__,
     *_logging.__all__,
+    *_serialization.__all__,
 ]
