@@ -282,6 +282,13 @@ def _kl_term(batch, new_logprobs, config, kl_coef):
     return beta * kl, {"kl": float(kl.detach())}
 
 
+def _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy):
+    """Add the KL term (when in the loss) and the entropy bonus to a policy loss."""
+    metrics = {"policy_loss": float(loss.detach()), **metrics}
+    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef)
+    return _with_entropy(loss + kl_loss, {**metrics, **kl_metrics}, batch, config, entropy)
+
+
 def _with_entropy(loss, metrics, batch, config, entropy):
     if config.entropy_coef and entropy is not None:
         bonus, m = compute_entropy_bonus(
@@ -326,9 +333,7 @@ def clipped_policy_loss_fn(
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
     )
-    metrics = {"policy_loss": float(loss.detach()), **metrics}
-    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef)
-    return _with_entropy(loss + kl_loss, {**metrics, **kl_metrics}, batch, config, entropy)
+    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
 
 
 def gspo_loss_fn(
@@ -358,9 +363,7 @@ def gspo_loss_fn(
         clip_eps_low=config.clip_eps_low,
         clip_eps_high=config.clip_eps_high,
     )
-    metrics = {"policy_loss": float(loss.detach()), **metrics}
-    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef)
-    return _with_entropy(loss + kl_loss, {**metrics, **kl_metrics}, batch, config, entropy)
+    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
 
 
 def cispo_loss_fn(
@@ -392,9 +395,7 @@ def cispo_loss_fn(
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
     )
-    metrics = {"policy_loss": float(loss.detach()), **metrics}
-    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef)
-    return _with_entropy(loss + kl_loss, {**metrics, **kl_metrics}, batch, config, entropy)
+    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
 
 
 def reinforce_loss_fn(
@@ -422,9 +423,7 @@ def reinforce_loss_fn(
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
     )
-    metrics = {"policy_loss": float(loss.detach()), **metrics}
-    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef)
-    return _with_entropy(loss + kl_loss, {**metrics, **kl_metrics}, batch, config, entropy)
+    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
 
 
 def ppo_loss_fn(
