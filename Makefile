@@ -34,7 +34,7 @@ bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 lint: setup
-	$(PY) -m ruff check rlprim tests benchmarks scripts
+	$(PY) -m ruff check rlprim tests benchmarks scripts examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -635,7 +635,10 @@ def train(
     Returns:
       The final ``TrainingState``.
     """
-    from tqdm.auto import tqdm
+    if progress:
+        from tqdm.auto import tqdm
+    else:  # tqdm.auto warns in notebooks without ipywidgets even when disabled
+        from tqdm import tqdm
 
     if not isinstance(num_iterations, int) or num_iterations < 0:
         raise ValueError(f"num_iterations must be an int ≥ 0, got {num_iterations!r}")

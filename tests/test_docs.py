@@ -34,7 +34,7 @@ import rlprim.tasks
 import rlprim.testing
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ("ARCHITECTURE.md", "README.md", "UTILITIES.md")
+DOCUMENTS = ("ARCHITECTURE.md", "README.md", "UTILITIES.md", "EXAMPLES.md")
 FENCE = re.compile(r"^```(\S*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(.*?)\s*-->$")
 

@@ -1,0 +1,271 @@
+"""The worked examples run: every ``examples/*.py`` script and ``examples/notebook.ipynb``.
+
+Scripts. Each example runs in quick mode (``--quick``; the scripts also read
+``RLPRIM_EXAMPLE_QUICK=1``) as a real subprocess of ``sys.executable``, offline
+(``HF_HUB_OFFLINE=1``), in a temporary working directory, with a timeout. It must exit with 0
+and its last line of output must be its summary ``[<name>] done: key=value ...``; the values are
+then checked against what the example is meant to show (e.g. that the algorithm switch appears
+in the logged statistics, or that the resumed run equals the uninterrupted one).
+
+Notebook. ``examples/notebook.ipynb`` is executed top to bottom with ``nbclient`` on a local
+``python3`` kernel running this interpreter (a timeout per cell); an error in any cell fails the
+test, and the JSON line printed by the cell tagged ``summary`` is checked.
+
+EXAMPLES.md. Each example has a section with the command that runs it, and every excerpt shown
+there (a ``python`` block marked ``<!-- not-run: excerpt of examples/NAME.py ... -->``) is a
+verbatim part of that file: its lines appear in the file in the same order (indentation aside;
+a ``# ...`` line marks an elision). The python blocks that are not excerpts are executed in
+order in one namespace, as tests/test_docs.py does for ARCHITECTURE.md.
+
+The child processes get one intra-op thread each (``OMP_NUM_THREADS=1``): the models are tiny,
+and on a busy two-core machine more threads only fight each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "examples"
+SCRIPT_TIMEOUT = 240  # seconds per example; each takes a few seconds of work in quick mode
+CELL_TIMEOUT = 180  # seconds per notebook cell
+SUMMARY = re.compile(r"^\[(?P<name>[a-z_]+)\] done: (?P<fields>.*)$")
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in text.split())
+
+
+def _check_basic_grpo_loop(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 2
+    assert 0.0 <= float(f["reward_first"]) <= 1.0 and 0.0 <= float(f["reward_last"]) <= 1.0
+
+
+def _check_vector_rewards(f: dict[str, str]) -> None:
+    assert f["runs"].split(",") == ["weighted_sum", "worst_case", "pareto"]
+    assert int(f["iterations"]) == 2
+    # Pareto ranks within a group span [0, 1] whenever the group has more than one front.
+    low, high = (float(x) for x in f["pareto_range"].split(".."))
+    assert 0.0 <= low <= high <= 1.0
+
+
+def _check_switch_algorithm(f: dict[str, str]) -> None:
+    assert f["algorithms"].split(",") == ["grpo", "grpo", "dapo"]
+    assert [float(x) for x in f["kl_coefs"].split(",")] == [0.04, 0.02, 0.0]
+
+
+def _check_multiturn_tools(f: dict[str, str]) -> None:
+    assert int(f["model_tool_calls"]) >= 0
+    # The scripted generator calls the calculator once per problem; one call is malformed.
+    assert int(f["scripted_calls"]) == 3 and int(f["executed"]) == 3
+    assert int(f["errors"]) == 1
+    assert int(f["masked_tool_tokens"]) > 0
+    assert f["correct"] == "2/3"
+
+
+def _check_custom_kl_ema(f: dict[str, str]) -> None:
+    assert f["kl_fn"] == "huber" and int(f["iterations"]) == 2
+    frozen, ema = float(f["distance_frozen"]), float(f["distance_ema"])
+    # The EMA reference follows the policy, so it ends closer to it than a frozen one.
+    assert 0.0 < ema < frozen
+
+
+def _check_custom_pipeline(f: dict[str, str]) -> None:
+    assert f["resume_exact"] == "True"
+    assert int(f["iterations"]) == 2 and int(f["resumed_at"]) == 1
+    assert int(f["stats_lines"]) == 2  # one line per iteration across the stop and the resume
+    assert int(f["checkpoints_kept"]) == 2
+
+
+def _check_quick_start_oneliner(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 2 and int(f["stats_lines"]) == 2
+    assert f["files"].split(",") == ["checkpoint", "reward_curve.png", "stats.jsonl"]
+
+
+EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
+    "basic_grpo_loop": _check_basic_grpo_loop,
+    "vector_rewards": _check_vector_rewards,
+    "switch_algorithm": _check_switch_algorithm,
+    "multiturn_tools": _check_multiturn_tools,
+    "custom_kl_ema": _check_custom_kl_ema,
+    "custom_pipeline": _check_custom_pipeline,
+    "quick_start_oneliner": _check_quick_start_oneliner,
+}
+
+
+def _child_env(tmp_path: Path) -> dict[str, str]:
+    """Offline, one thread, quick mode, and temporary files under ``tmp_path/tmp``."""
+    temp_dir = tmp_path / "tmp"
+    temp_dir.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        TMPDIR=str(temp_dir),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        MPLBACKEND="Agg",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        RLPRIM_EXAMPLE_QUICK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def test_every_example_script_is_tested():
+    scripts = sorted(p.stem for p in EXAMPLES_DIR.glob("*.py"))
+    assert scripts == sorted(EXAMPLES), "add the new example to EXAMPLES in this file"
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_example_runs_in_quick_mode(name, tmp_path):
+    script = EXAMPLES_DIR / f"{name}.py"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=workdir,
+        env=_child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+    )
+    output = f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"{name} exited with {result.returncode}\n{output}"
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines, f"{name} printed nothing\n{output}"
+    summary = SUMMARY.match(lines[-1])
+    assert summary and summary.group("name") == name, (
+        f"{name}: the last line is not its summary '[{name}] done: ...'\n{output}"
+    )
+    EXAMPLES[name](_fields(summary.group("fields")))
+    assert list(workdir.iterdir()) == [], f"{name} wrote into the working directory"
+
+
+def test_notebook_executes(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in _child_env(tmp_path).items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    # Pin the "python3" kernel to this interpreter: JUPYTER_PATH comes first in the kernelspec
+    # search, before a user's own python3 kernel that may point at another environment.
+    kernel_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    kernel_dir.mkdir(parents=True)
+    kernel_spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (rlprim tests)",
+        "language": "python",
+    }
+    (kernel_dir / "kernel.json").write_text(json.dumps(kernel_spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    notebook = nbformat.read(EXAMPLES_DIR / "notebook.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
+    assert errors == []
+    [summary_cell] = [c for c in notebook.cells if "summary" in c.metadata.get("tags", [])]
+    stdout = "".join(
+        o.text for o in summary_cell.outputs if o.output_type == "stream" and o.name == "stdout"
+    )
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["iterations"] == summary["records"] == 3  # the quick mode's iterations
+    assert summary["rewards_differ"] is True  # the two reward lambdas score differently
+    assert summary["figure_axes"] == 3  # reward_mean, kl, entropy
+    assert summary["png_bytes"] > 1000
+    images = [
+        o for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+        if o.output_type == "display_data" and "image/png" in o.get("data", {})
+    ]
+    assert images, "the plot cell displayed no image"
+
+
+# --------------------------------------------------------------------------- EXAMPLES.md
+
+EXCERPT = re.compile(r"^<!--\s*not-run:\s*excerpt of examples/(?P<name>[a-z_]+\.py)\b.*-->$")
+
+
+def _excerpts(text: str) -> list[tuple[str, list[str], int]]:
+    """``(file name, block lines, line number)`` of every python block; the file name is that
+    of its excerpt marker, ``""`` for an unmarked (runnable) block."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.strip() != "```python":
+            continue
+        previous = i - 1
+        while previous >= 0 and not lines[previous].strip():
+            previous -= 1
+        marker = EXCERPT.match(lines[previous].strip()) if previous >= 0 else None
+        end = i + 1
+        while end < len(lines) and lines[end].rstrip() != "```":
+            end += 1
+        found.append((marker.group("name") if marker else "", lines[i + 1 : end], i + 1))
+    return found
+
+
+def _read_examples_md() -> str:
+    return (ROOT / "EXAMPLES.md").read_text(encoding="utf-8")
+
+
+def test_examples_md_has_a_section_and_a_command_per_example():
+    text = _read_examples_md()
+    for name in EXAMPLES:
+        assert f"examples/{name}.py" in text, f"EXAMPLES.md does not mention {name}.py"
+        assert f"python examples/{name}.py" in text, f"EXAMPLES.md has no command for {name}"
+    assert "examples/notebook.ipynb" in text
+
+
+def test_examples_md_runnable_blocks_run(tmp_path, monkeypatch):
+    """The python blocks that are not excerpts run, in order, in one namespace."""
+    monkeypatch.chdir(tmp_path)
+    blocks = [(block, line) for name, block, line in _excerpts(_read_examples_md()) if not name]
+    assert blocks, "EXAMPLES.md has no runnable python block"
+    namespace: dict = {"__name__": "docs:EXAMPLES.md"}
+    for block, line in blocks:
+        # Padding with newlines makes traceback line numbers those of the document.
+        exec(compile("\n" * line + "\n".join(block) + "\n", "EXAMPLES.md", "exec"), namespace)
+
+
+def test_examples_md_excerpts_are_verbatim_parts_of_the_examples():
+    excerpts = [e for e in _excerpts(_read_examples_md()) if e[0]]
+    shown = {name for name, _, _ in excerpts}
+    assert shown == {f"{name}.py" for name in EXAMPLES}, "every example needs an excerpt"
+    for name, block, line in excerpts:
+        source = [s.strip() for s in (EXAMPLES_DIR / name).read_text().splitlines()]
+        position = 0
+        for excerpt_line in (s.strip() for s in block):
+            if not excerpt_line or excerpt_line in ("...", "# ..."):
+                continue  # blank lines and elisions
+            try:
+                position = source.index(excerpt_line, position) + 1
+            except ValueError:
+                pytest.fail(
+                    f"EXAMPLES.md line {line}: {excerpt_line!r} is not in examples/{name} "
+                    "(in this order)",
+                    pytrace=False,
+                )
