@@ -268,7 +268,7 @@ def _require_advantages(batch: Batch) -> torch.Tensor:
     return batch.advantages
 
 
-def _kl_term(batch, new_logprobs, config, kl_coef):
+def _kl_term(batch, new_logprobs, config, kl_coef, kl_fn=None):
     """``β · aggregate(KL_t)`` when the KL goes in the loss, else zero; plus its metric."""
     beta = _current_kl_coef(config, kl_coef)
     if config.kl_in_reward or beta == 0.0:
@@ -277,15 +277,17 @@ def _kl_term(batch, new_logprobs, config, kl_coef):
         raise ValueError(
             f"batch.ref_logprobs is None but kl_coef={beta} > 0 puts a KL term in the loss"
         )
-    per_token = compute_per_token_kl(new_logprobs, batch.ref_logprobs, config.kl_estimator)
+    per_token = compute_per_token_kl(
+        new_logprobs, batch.ref_logprobs, config.kl_estimator, kl_fn=kl_fn
+    )
     kl = aggregate_loss(per_token, batch.completion_mask, config.loss_agg_mode, config.norm_length)
     return beta * kl, {"kl": float(kl.detach())}
 
 
-def _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy):
+def _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn):
     """Add the KL term (when in the loss) and the entropy bonus to a policy loss."""
     metrics = {"policy_loss": float(loss.detach()), **metrics}
-    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef)
+    kl_loss, kl_metrics = _kl_term(batch, new_logprobs, config, kl_coef, kl_fn)
     return _with_entropy(loss + kl_loss, {**metrics, **kl_metrics}, batch, config, entropy)
 
 
@@ -306,6 +308,7 @@ def clipped_policy_loss_fn(
     *,
     entropy: torch.Tensor | None = None,
     kl_coef: float | None = None,
+    kl_fn: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate with optional KL and entropy terms (GRPO, Dr. GRPO, DAPO).
@@ -321,6 +324,7 @@ def clipped_policy_loss_fn(
       config: the algorithm configuration.
       entropy: ``[B, Tc]`` per-token entropy for the bonus (optional).
       kl_coef: the β in force (defaults to ``config.kl_coef``).
+      kl_fn: a ``KLFn`` replacing ``config.kl_estimator`` in the KL term.
     """
     loss, metrics = compute_ppo_loss(
         new_logprobs,
@@ -333,7 +337,9 @@ def clipped_policy_loss_fn(
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
     )
-    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
+    return _with_kl_and_entropy(
+        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+    )
 
 
 def gspo_loss_fn(
@@ -343,6 +349,7 @@ def gspo_loss_fn(
     *,
     entropy: torch.Tensor | None = None,
     kl_coef: float | None = None,
+    kl_fn: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO: the clipped surrogate on the sequence ratio ``exp(mean_t log ρ_t)``.
@@ -363,7 +370,9 @@ def gspo_loss_fn(
         clip_eps_low=config.clip_eps_low,
         clip_eps_high=config.clip_eps_high,
     )
-    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
+    return _with_kl_and_entropy(
+        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+    )
 
 
 def cispo_loss_fn(
@@ -373,6 +382,7 @@ def cispo_loss_fn(
     *,
     entropy: torch.Tensor | None = None,
     kl_coef: float | None = None,
+    kl_fn: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CISPO: REINFORCE weighted by a clipped, stop-gradient importance ratio.
@@ -395,7 +405,9 @@ def cispo_loss_fn(
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
     )
-    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
+    return _with_kl_and_entropy(
+        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+    )
 
 
 def reinforce_loss_fn(
@@ -405,6 +417,7 @@ def reinforce_loss_fn(
     *,
     entropy: torch.Tensor | None = None,
     kl_coef: float | None = None,
+    kl_fn: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy-gradient loss ``-agg(A · log π_θ(y_t))`` (REINFORCE, RLOO).
@@ -423,7 +436,9 @@ def reinforce_loss_fn(
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
     )
-    return _with_kl_and_entropy(loss, metrics, batch, new_logprobs, config, kl_coef, entropy)
+    return _with_kl_and_entropy(
+        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+    )
 
 
 def ppo_loss_fn(
@@ -434,6 +449,7 @@ def ppo_loss_fn(
     new_values: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     kl_coef: float | None = None,
+    kl_fn: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO with a critic: clipped policy loss + ``c_V`` · clipped value loss (− entropy bonus).
@@ -454,7 +470,7 @@ def ppo_loss_fn(
     if batch.returns is None:
         raise ValueError("batch.returns is None: PPO needs value targets (compute advantages)")
     loss, metrics = clipped_policy_loss_fn(
-        batch, new_logprobs, config, entropy=entropy, kl_coef=kl_coef
+        batch, new_logprobs, config, entropy=entropy, kl_coef=kl_coef, kl_fn=kl_fn
     )
     old_values = batch.values if batch.values is not None else new_values.detach()
     value_loss, value_metrics = compute_value_loss(
@@ -830,7 +846,8 @@ def compute_loss_by_algorithm(
       new_logprobs: ``[B, Tc]`` current policy log-probs of the completion tokens.
       registry: where to look ``config.name`` up.
       loss_fn: optional replacement.
-      **extras: ``entropy [B, Tc]``, ``new_values [B, Tc]``, ``kl_coef``, ``pair_selector``.
+      **extras: ``entropy [B, Tc]``, ``new_values [B, Tc]``, ``kl_coef``, ``kl_fn``,
+        ``pair_selector``.
     Returns:
       ``(loss, metrics)``: a scalar tensor and a dict of floats.
     """

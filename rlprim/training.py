@@ -195,6 +195,8 @@ def training_step(
     temperature: float = 1.0,
     registry: Mapping[str, Any] = ALGORITHMS,
     logprob_extractor: Callable[..., Any] | None = None,
+    kl_fn: Callable[..., Any] | None = None,
+    pair_selector: Callable[..., Any] | None = None,
 ) -> tuple[TrainingState, TrainingStats]:
     """One optimizer update over ``batch``, with gradient accumulation and a finiteness guard.
 
@@ -214,6 +216,8 @@ def training_step(
       temperature: the sampling temperature (log-probs use ``logits / temperature``).
       registry: where to look the algorithm up.
       logprob_extractor: replacement for ``get_logprobs`` with its signature.
+      kl_fn: a ``KLFn`` for the loss's KL term instead of ``config.kl_estimator``.
+      pair_selector: ``fn(rewards [B], group_size) -> (chosen [P], rejected [P])`` for DPO.
     Returns:
       ``(state._replace(step=step + 1), stats)``; ``step`` advances even when skipped.
     """
@@ -247,6 +251,10 @@ def training_step(
         )
         new_logprobs, entropy = out if want_entropy else (out, None)
         extras: dict[str, Any] = {"kl_coef": state.kl_coef}
+        if kl_fn is not None:
+            extras["kl_fn"] = kl_fn
+        if pair_selector is not None:
+            extras["pair_selector"] = pair_selector
         if entropy is not None:
             extras["entropy"] = entropy
         if algorithm.needs_value:
@@ -391,6 +399,8 @@ def training_iteration(
     kl_controller: Callable[..., float] | None = None,
     registry: Mapping[str, Any] = ALGORITHMS,
     logprob_extractor: Callable[..., Any] | None = None,
+    kl_fn: Callable[..., Any] | None = None,
+    pair_selector: Callable[..., Any] | None = None,
 ) -> tuple[TrainingState, TrainingStats]:
     """One RL iteration: rollouts → rewards → (KL) → advantages → updates → reference update.
 
@@ -428,6 +438,9 @@ def training_iteration(
       kl_controller: ``fn(coef, observed_kl, n_steps) -> coef``.
       registry: where to look the algorithm up.
       logprob_extractor: replacement for ``get_logprobs``.
+      kl_fn: a ``KLFn`` replacing ``config.kl_estimator`` everywhere (statistics, KL in the
+        reward, KL in the loss).
+      pair_selector: DPO's pair selection (see ``dpo_loss_fn``).
     Returns:
       ``(new_state, stats)`` with the iteration's statistics and phase timings.
     """
@@ -486,7 +499,9 @@ def training_iteration(
             )
             * mask
         )
-        kl = compute_per_token_kl(sampling_logprobs, ref_logprobs, config.kl_estimator) * mask
+        kl = compute_per_token_kl(
+            sampling_logprobs, ref_logprobs, config.kl_estimator, kl_fn=kl_fn
+        ) * mask
         kl_mean = float(kl.sum() / mask.sum().clamp(min=1))
         kl_sequence_mean = float(kl.sum(dim=1).mean())
     values = None
@@ -536,6 +551,7 @@ def training_iteration(
             state, s = training_step(
                 state, mb, config, loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn,
                 temperature=temperature, registry=registry, logprob_extractor=logprob_extractor,
+                kl_fn=kl_fn, pair_selector=pair_selector,
             )
             step_stats.append(s)
     time_train = time.perf_counter() - t2

@@ -383,3 +383,31 @@ def test_resolve_schedule():
     assert rp.resolve_schedule(rp.Schedule(lambda i: i * 2), 3) == 6
     f = lambda r: 1.0  # noqa: E731
     assert rp.resolve_schedule(f, 3) is f
+
+
+def test_custom_kl_fn_reaches_stats_and_loss(tokenizer):
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.1)
+
+    def constant_kl(logprobs, ref_logprobs):
+        return torch.full_like(logprobs, 0.5)
+
+    _, stats = rp.training_iteration(state, PROMPTS[:2], GEN, config, VARIED, kl_fn=constant_kl)
+    assert stats.kl == pytest.approx(0.5)  # the statistics use it
+    batch = make_batch_for(state, tokenizer)
+    batch = batch._replace(ref_logprobs=torch.zeros_like(batch.completion_mask))
+    _, step_stats = rp.training_step(state, batch, config, kl_fn=constant_kl)
+    assert step_stats.kl == pytest.approx(0.5)  # and so does the loss's KL term
+
+
+def test_pair_selector_reaches_the_dpo_loss(tokenizer):
+    state, config = make_state(tokenizer, "dpo")
+    calls = []
+
+    def first_vs_last(rewards, group_size):
+        calls.append(group_size)
+        starts = torch.arange(0, rewards.numel(), group_size)
+        return starts, starts + group_size - 1
+
+    state, stats = rp.training_iteration(state, PROMPTS[:2], GEN, config, VARIED,
+                                         pair_selector=first_vs_last)
+    assert calls == [GEN.num_samples] and stats.skipped_updates == 0
