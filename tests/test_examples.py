@@ -92,6 +92,13 @@ def _check_quick_start_oneliner(f: dict[str, str]) -> None:
     assert f["files"].split(",") == ["checkpoint", "reward_curve.png", "stats.jsonl"]
 
 
+def _check_countdown_dapo(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 2
+    # Every iteration re-samples (dynamic sampling) at least once; updates only when informative.
+    assert int(f["sampling_rounds"]) >= 2
+    assert int(f["updates"]) + int(f["iterations_without_informative_groups"]) == 2
+
+
 EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "basic_grpo_loop": _check_basic_grpo_loop,
     "vector_rewards": _check_vector_rewards,
@@ -100,6 +107,7 @@ EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "custom_kl_ema": _check_custom_kl_ema,
     "custom_pipeline": _check_custom_pipeline,
     "quick_start_oneliner": _check_quick_start_oneliner,
+    "countdown_dapo": _check_countdown_dapo,
 }
 
 
