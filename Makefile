@@ -27,8 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: setup
-	@echo "The quick-start demo is not built yet (issue: bundled model and demo)." >&2
-	@exit 1
+	$(PY) -m rlprim.demo
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

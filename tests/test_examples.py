@@ -99,6 +99,22 @@ def _check_countdown_dapo(f: dict[str, str]) -> None:
     assert int(f["updates"]) + int(f["iterations_without_informative_groups"]) == 2
 
 
+def _check_quickstart(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 3
+    assert 0.0 <= float(f["accuracy_before"]) <= 0.35
+    assert 0.0 <= float(f["accuracy_after"]) <= 1.0
+
+
+def _check_grpo_arithmetic(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 3 and int(f["records"]) == 3
+    assert 0.0 <= float(f["heldout_accuracy"]) <= 1.0
+
+
+def _check_ppo_arithmetic(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 2
+    assert float(f["value_loss"]) >= 0.0 and float(f["kl"]) >= -1e-6
+
+
 EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "basic_grpo_loop": _check_basic_grpo_loop,
     "vector_rewards": _check_vector_rewards,
@@ -108,6 +124,9 @@ EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "custom_pipeline": _check_custom_pipeline,
     "quick_start_oneliner": _check_quick_start_oneliner,
     "countdown_dapo": _check_countdown_dapo,
+    "quickstart": _check_quickstart,
+    "grpo_arithmetic": _check_grpo_arithmetic,
+    "ppo_arithmetic": _check_ppo_arithmetic,
 }
 
 

@@ -173,7 +173,7 @@ def test_make_code_problems_and_reference_solutions_pass():
             len(item["tests"]),
             len(item["tests"]),
         )
-        assert run_unit_tests("", item["tests"], tool=_plain_python)[0] == 0
+    assert run_unit_tests("", items[-1]["tests"], tool=_plain_python) == (0, 4)  # tests can fail
     custom = make_code_problems([("Write f.", ["assert f() == 1"])], prompt_template="{description}")
     assert custom == [{"prompt": "Write f.", "tests": ["assert f() == 1"]}]
     with pytest.raises(ValueError, match="description"):

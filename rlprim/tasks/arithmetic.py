@@ -129,8 +129,8 @@ def make_arithmetic_problems(
     drawn without replacement from all ``arithmetic_problem_count(digits, operators)`` of them
     with ``random.Random(seed)`` (the global RNG is not used).
 
-    Example: ``make_arithmetic_problems(2, seed=0)`` → two items like
-    ``{"prompt": "49+97=", "answer": "146"}``.
+    Example: ``make_arithmetic_problems(2, seed=0)`` →
+    ``[{"prompt": "63+11=", "answer": "74"}, {"prompt": "68+90=", "answer": "158"}]``.
 
     Args:
       num: how many problems (``0 ≤ num ≤`` the number of distinct problems).
