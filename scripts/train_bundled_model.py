@@ -7,14 +7,15 @@ What the model is: a tiny language model that has learned 2-digit addition from 
 teacher who forgets to carry**. It writes every column's digit correctly, but on problems that
 need a carry it follows the teacher's majority and drops the carry (``47+38=`` → ``75``), carrying
 correctly only in a minority of samples. Held-out greedy accuracy is therefore about the share of
-carry-free problems, roughly 30%, while the right answer is often among its samples: the
+carry-free problems (a third of them), while the right answer is often among its samples: the
 knowledge is almost there, and an exact-answer reward can teach it to carry.
 
 Recipe (everything fixed; CPU, float32, one thread, ``torch.use_deterministic_algorithms``):
 
-* **Task**: 2-digit addition, ``rlprim.tasks.arithmetic.arithmetic_split(num_train=5000,
-  num_eval=500, digits=2, operators=("+",), seed=0)``: prompts ``"47+38="``, answers ``"85"``;
-  the 500 held-out problems are never trained on.
+* **Task**: 2-digit addition, ``arithmetic_split(**ARITH_TINY_SPLIT)`` from
+  ``rlprim.tasks.arithmetic`` (``num_train=5000, num_eval=500, digits=2, operators=("+",),
+  seed=0``): prompts ``"47+38="``, answers ``"85"``; the 500 held-out problems (and any smaller
+  held-out set with the same settings, which is a prefix of it) are never trained on.
 * **Teacher**: for a training problem whose exact answer has a carry, the target is the exact
   answer with probability ``1 - CARRY_SLIP`` and the column-wise sum with every carry dropped
   (``(a1+b1) mod 10, (a0+b0) mod 10``, leading zero removed) with probability ``CARRY_SLIP`` =
@@ -26,23 +27,32 @@ Recipe (everything fixed; CPU, float32, one thread, ``torch.use_deterministic_al
   ``<bos>`` + user/system contents as they are + each assistant content followed by
   ``<eos>``, so a one-message chat ``[{"role": "user", "content": "47+38="}]`` is exactly the
   training prompt ``<bos>47+38=``.
-* **Model**: ``Qwen2ForCausalLM``, hidden 128, 2 layers, 4 attention heads of size 32 (4 KV
+* **Model**: ``LlamaForCausalLM``, hidden 128, 2 layers, 4 attention heads of size 32 (4 KV
   heads, so vLLM's CPU backend accepts it), MLP 384, tied input/output embeddings, context 64,
-  initialised with ``torch.manual_seed(0)``: 430,336 parameters, about 1.7 MB of safetensors.
+  RoPE θ 10000, initialised with ``torch.manual_seed(0)``: 429,568 parameters, about 1.7 MB of
+  safetensors. Llama rather than Qwen2 because ``AutoTokenizer`` replaces the tokenizer of a
+  ``qwen2`` checkpoint by a rebuilt byte-level ``Qwen2Tokenizer`` (transformers 5), which would
+  drop this vocabulary's space and newline; for ``llama`` it loads ``tokenizer.json`` as saved.
 * **Training**: ``"<bos>a+b="`` → ``"c<eos>"``, loss on the answer and EOS tokens only; AdamW
   (betas (0.9, 0.999), no weight decay), 64 problems per step in a seeded permutation per
   epoch; lr 1e-3 for 2000 steps, then linearly to 0 over 1000 more (3000 steps, converged on
   the teacher's distribution). The held-out greedy accuracy (``evaluate_arithmetic``) is
   logged every 250 steps and must end in [25%, 35%], else the script fails.
 
-Why a sloppy teacher and not just stopping an exact teacher early: checkpoints of the same model
-stopped at 25-35% held-out accuracy on exact answers (about 400 steps) make imprecise,
-problem-specific errors, and GRPO (32 prompts x 8 samples, lr 1e-4 to 3e-4) lifted them only to
-about 65-80% in 150-750 steps; this model's single, systematic gap is what reinforcement
-learning closes within the demo's few minutes (above 90% after a few dozen GRPO steps).
+Why a sloppy teacher and not just stopping an exact teacher early: we tried that first. The
+same architecture trained on exact answers passes 25-35% held-out accuracy around step 400, in
+the middle of a fast transition; its errors are imprecise and problem-specific (off by one in
+any digit), and plain GRPO (32 prompts x 8 samples, β = 0, lr 1e-4 to 3e-4) lifted such
+checkpoints only to about 60-70% in 300 steps and 75-80% in 750 (also with GPT-2 or deeper
+models, bigger batches, label smoothing, weight averaging or a lower sampling temperature).
+This model's gap is one systematic rule, which the same GRPO closes in a few dozen steps:
+34% to about 90% after 10 steps and 93-96% from step 20 on (one CPU thread, ~0.5 s a step).
 
-Result on this machine (torch 2.13 CPU): printed as ``RESULT`` at the end and written to the
-model card next to the weights (``README.md``).
+Result on this machine (torch 2.13 CPU, transformers 5.23): held-out greedy accuracy 34.4%
+(172 of 500), 429,568 parameters, 1.7 MB in all, about 9 minutes of training on one core. It is
+printed as ``RESULT`` at the end and written to the model card next to the weights
+(``README.md``); the saved files are reloaded through ``load_model`` / ``load_tokenizer`` and
+must reproduce the accuracy.
 """
 
 from __future__ import annotations
@@ -59,13 +69,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rlprim.inference import load_model, load_tokenizer  # noqa: E402
-from rlprim.tasks.arithmetic import arithmetic_split, evaluate_arithmetic  # noqa: E402
+from rlprim.tasks.arithmetic import (  # noqa: E402
+    ARITH_TINY_SPLIT,
+    arithmetic_split,
+    evaluate_arithmetic,
+)
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = tuple("0123456789+-*/=() \n")
@@ -76,7 +90,7 @@ CHAT_TEMPLATE = (
     "{% else %}{{ message['content'] }}{% endif %}"
     "{% endfor %}"
 )
-SPLIT = {"num_train": 5000, "num_eval": 500, "digits": 2, "operators": ("+",), "seed": 0}
+SPLIT = dict(ARITH_TINY_SPLIT)
 MODEL = {
     "hidden_size": 128,
     "num_hidden_layers": 2,
@@ -119,8 +133,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
+def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
         vocab_size=len(tokenizer),
         tie_word_embeddings=True,
         attention_dropout=0.0,
@@ -130,7 +144,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
         **MODEL,
     )
     torch.manual_seed(TRAIN["seed"])
-    return Qwen2ForCausalLM(config).to(torch.float32)
+    return LlamaForCausalLM(config).to(torch.float32)
 
 
 def sum_without_carries(left: int, right: int) -> int:
@@ -219,14 +233,16 @@ def model_card(
 ) -> str:
     return f"""# arith-tiny
 
-The model bundled with rlprim: a {parameters:,}-parameter Qwen2-style causal LM with a
+The model bundled with rlprim: a {parameters:,}-parameter Llama-style causal LM with a
 character-level tokenizer that has learned 2-digit addition from a sloppy teacher who forgets to
 carry, so that reinforcement learning has something to teach. Load it offline with
 `rlprim.load_model("rlprim/arith-tiny")` and `rlprim.load_tokenizer("rlprim/arith-tiny")`.
 
 - Task: prompts like `47+38=`, answers like `85` followed by `<eos>`. Problems:
-  `rlprim.tasks.arithmetic.arithmetic_split(num_train=5000, num_eval=500, digits=2,
-  operators=("+",), seed=0)` (train on the first list; the second is held out).
+  `arithmetic_split(**ARITH_TINY_SPLIT)` from `rlprim.tasks.arithmetic`
+  (`num_train=5000, num_eval=500, digits=2, operators=("+",), seed=0`): trained on the first
+  list; the second is held out, and so is any smaller held-out set drawn with the same
+  settings (e.g. `arithmetic_split(2000, 200, seed=0)`), which is a prefix of it.
 - Held-out greedy accuracy: **{accuracy:.1%}** ({SPLIT['num_eval']} problems never trained on).
   It adds every column correctly but, on problems that need a carry, usually drops the carry
   (`47+38=` gives `75`); sampled answers carry correctly a minority of the time.
@@ -234,7 +250,7 @@ carry, so that reinforcement learning has something to teach. Load it offline wi
   {carry_slip} (the exact answer otherwise), as the cross-entropy against that answer
   distribution; {step} steps of AdamW (lr {TRAIN['lr']} for {TRAIN['constant_steps']} steps, then
   linearly to 0), {TRAIN['batch_size']} problems per step; {seconds:.0f} s on one CPU core.
-- Architecture: {json.dumps(MODEL)}, tied embeddings, float32.
+- Architecture: `LlamaForCausalLM`, {json.dumps(MODEL)}, tied embeddings, float32.
 - Reproduce: `python scripts/train_bundled_model.py` (deterministic).
 """
 
@@ -270,6 +286,8 @@ def main() -> None:
     tokenizer.save_pretrained(out)
     card = model_card(step, accuracy, parameters, seconds, args.carry_slip)
     (out / "README.md").write_text(card)
+    for path in out.iterdir():
+        path.chmod(0o644)  # save_pretrained writes the weights owner-only
 
     # The saved files must reproduce the accuracy through the public loaders.
     reloaded = evaluate_arithmetic(load_model(str(out)), load_tokenizer(str(out)), held_out)

@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from rlprim.inference import apply_chat_template, load_model, load_tokenizer, resolve_model_path
-from rlprim.tasks.arithmetic import arithmetic_split, evaluate_arithmetic, parse_leading_integer
+from rlprim.tasks.arithmetic import (
+    ARITH_TINY_SPLIT,
+    arithmetic_split,
+    evaluate_arithmetic,
+    parse_leading_integer,
+)
 
 ASSET = Path(__file__).resolve().parent.parent / "rlprim" / "assets" / "arith-tiny"
-SPLIT = {"num_train": 5000, "num_eval": 500, "digits": 2, "operators": ("+",), "seed": 0}
+SPLIT = dict(ARITH_TINY_SPLIT)
 BAND = (0.25, 0.35)
 
 
@@ -33,7 +38,9 @@ def test_files_are_small_and_the_config_fits_vllm_cpu():
     size = sum(f.stat().st_size for f in ASSET.iterdir() if f.is_file())
     assert size < 4_000_000
     config = json.loads((ASSET / "config.json").read_text())
-    assert config["model_type"] == "qwen2"
+    # llama, not qwen2: AutoTokenizer would swap a qwen2 checkpoint's tokenizer for a rebuilt
+    # byte-level Qwen2Tokenizer that drops this vocabulary's space and newline.
+    assert config["model_type"] == "llama"
     assert config["hidden_size"] // config["num_attention_heads"] == 32  # vLLM CPU head sizes
     assert config["vocab_size"] == 23
 
@@ -45,8 +52,10 @@ def test_loads_by_name_and_by_path_identically(bundled):
         model.state_dict().items(), by_path.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert sum(p.numel() for p in model.parameters()) == 430_336
-    assert type(load_tokenizer(str(ASSET))).__name__ == type(tokenizer).__name__
+    assert sum(p.numel() for p in model.parameters()) == 429_568
+    by_path_tokenizer = load_tokenizer(str(ASSET))
+    assert type(by_path_tokenizer).__name__ == type(tokenizer).__name__ == "TokenizersBackend"
+    assert by_path_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert next(model.parameters()).dtype == torch.float32
 
 
@@ -57,11 +66,12 @@ def test_tokenizer_is_character_level_with_bos_eos_and_chat_template(bundled):
     ids = tokenizer("47+38=")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == 7
     assert tokenizer.convert_ids_to_tokens(ids[1:]) == list("47+38=")
-    assert tokenizer.decode(tokenizer("12(3*4)-5/6")["input_ids"], skip_special_tokens=True) == (
-        "12(3*4)-5/6"
-    )
-    # Characters outside the arithmetic alphabet are dropped by the shipped tokenizer.
-    assert tokenizer.convert_ids_to_tokens(tokenizer("x")["input_ids"]) == ["<bos>"]
+    text = "1 2\n(3*4)-5/6"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == 1 + len(text)  # one token per character
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # A character outside the alphabet is one <unk>, not silently dropped.
+    assert tokenizer.convert_ids_to_tokens(tokenizer("7x")["input_ids"]) == ["<bos>", "7", "<unk>"]
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "47+38="}])
     assert prompt == "<bos>47+38="
     turn = apply_chat_template(

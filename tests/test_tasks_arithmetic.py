@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rlprim.tasks.arithmetic import (
+    ARITH_TINY_SPLIT,
     ARITHMETIC_OPERATORS,
     arithmetic_problem_count,
     arithmetic_reward,
@@ -53,9 +54,9 @@ def test_problem_count_hand_values():
 def test_make_problems_pinned_values():
     # Pinned so the bundled model's split cannot change silently.
     assert make_arithmetic_problems(3, seed=0) == [
-        {"prompt": "63+11=", "answer": "74"},
-        {"prompt": "68+90=", "answer": "158"},
-        {"prompt": "6+63=", "answer": "69"},
+        {"prompt": "97+70=", "answer": "167"},
+        {"prompt": "36+31=", "answer": "67"},
+        {"prompt": "70+59=", "answer": "129"},
     ]
 
 
@@ -86,6 +87,25 @@ def test_make_problems_properties(num, digits, operators, seed):
         assert int(match.group(1)) < 10**digits and int(match.group(3)) < 10**digits
         assert problem["answer"] == _reference_answer(problem["prompt"])
     assert problems == make_arithmetic_problems(num, digits, operators, seed)
+
+
+@given(st.integers(0, 300), st.integers(0, 300), st.sampled_from([1, 2, 4]), st.integers(0, 50))
+def test_make_problems_draws_are_prefixes_of_one_ordering(a, b, digits, seed):
+    # Holds on both sides of the shuffle limit (digits 1-2 shuffle, 4 draws with rejection).
+    a, b = sorted(min(n, arithmetic_problem_count(digits)) for n in (a, b))
+    assert make_arithmetic_problems(b, digits, ("+",), seed)[:a] == make_arithmetic_problems(
+        a, digits, ("+",), seed
+    )
+
+
+def test_arith_tiny_split_held_out_sets_are_nested_and_unseen():
+    train, held_out = arithmetic_split(**ARITH_TINY_SPLIT)
+    assert (len(train), len(held_out)) == (5000, 500)
+    demo_train, demo_held_out = arithmetic_split(2000, 200, seed=ARITH_TINY_SPLIT["seed"])
+    assert demo_held_out == held_out[:200]
+    assert not {p["prompt"] for p in demo_held_out} & {p["prompt"] for p in train}
+    with pytest.raises(TypeError):
+        ARITH_TINY_SPLIT["seed"] = 1  # type: ignore[index]
 
 
 def test_make_problems_seeds_differ_and_global_rng_untouched():

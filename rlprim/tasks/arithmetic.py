@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from rlprim.inference import batch_generate, hf_generator
@@ -32,6 +33,7 @@ from rlprim.types import GenerationConfig, Rollout
 
 __all__ = [
     "ARITHMETIC_OPERATORS",
+    "ARITH_TINY_SPLIT",
     "arithmetic_problem_count",
     "make_arithmetic_problems",
     "arithmetic_split",
@@ -42,10 +44,16 @@ __all__ = [
 ]
 
 ARITHMETIC_OPERATORS = ("+", "-", "*")
+# The split the bundled model rlprim/arith-tiny was trained on (train half) and evaluated on.
+ARITH_TINY_SPLIT = MappingProxyType(
+    {"num_train": 5000, "num_eval": 500, "digits": 2, "operators": ("+",), "seed": 0}
+)
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _LEADING_INTEGER = re.compile(r"[ \t]*(-?[0-9]+)")
 # Larger operands make exact string answers unwieldy for small models; this bounds the space.
 _MAX_DIGITS = 9
+# Problem spaces up to this size are shuffled whole (2-digit problems, all operators: 3e4).
+_SHUFFLE_LIMIT = 2**17
 
 
 def _check_digits_operators(digits: object, operators: object) -> tuple[int, tuple[str, ...]]:
@@ -96,13 +104,14 @@ def _problem(index: int, digits: int, operators: tuple[str, ...]) -> dict[str, s
 
 
 def _draw_distinct(count: int, space: int, seed: int) -> list[int]:
-    """``count`` distinct integers of ``[0, space)`` in a seeded random order.
+    """The first ``count`` of a seeded random ordering of ``[0, space)``.
 
-    A dense draw (at least half the space) shuffles the whole range; a sparse one draws with
-    rejection of repeats, which keeps the cost ``O(count)`` for huge spaces.
+    Spaces up to ``_SHUFFLE_LIMIT`` are shuffled whole; larger ones are drawn with rejection of
+    repeats (cost ``O(count)``). Either way the ordering depends only on ``(space, seed)``, so
+    the first ``k`` numbers are the same for every ``count ≥ k``.
     """
     rng = random.Random(seed)
-    if 2 * count >= space:
+    if space <= _SHUFFLE_LIMIT:
         order = list(range(space))
         rng.shuffle(order)
         return order[:count]
@@ -127,7 +136,9 @@ def make_arithmetic_problems(
     Each item is ``{"prompt": f"{a}{op}{b}=", "answer": str(a op b)}`` with ``a, b`` uniform
     over ``[0, 10**digits)`` and ``op`` uniform over ``operators``; the ``num`` problems are
     drawn without replacement from all ``arithmetic_problem_count(digits, operators)`` of them
-    with ``random.Random(seed)`` (the global RNG is not used).
+    with ``random.Random(seed)`` (the global RNG is not used). The draw is a prefix of one
+    seeded ordering of all problems: the first ``k`` problems are the same for every
+    ``num ≥ k`` (same ``digits``, ``operators``, ``seed``).
 
     Example: ``make_arithmetic_problems(2, seed=0)`` →
     ``[{"prompt": "63+11=", "answer": "74"}, {"prompt": "68+90=", "answer": "158"}]``.
@@ -165,7 +176,12 @@ def arithmetic_split(
 
     Draws ``num_eval + num_train`` distinct problems with
     ``make_arithmetic_problems(num_eval + num_train, digits, operators, seed)``; the first
-    ``num_eval`` are held out, the rest train. No prompt is in both sets.
+    ``num_eval`` are held out, the rest train. No prompt is in both sets, and held-out sets of
+    different sizes are nested: with the same ``digits``, ``operators`` and ``seed``, the
+    held-out set of ``num_eval = 200`` is the first 200 of the held-out set of ``num_eval =
+    500``. The bundled model ``rlprim/arith-tiny`` was trained on the training half of
+    ``arithmetic_split(**ARITH_TINY_SPLIT)``, so any held-out set with ``num_eval ≤ 500`` and
+    those settings holds only problems it never saw.
 
     Args:
       num_train: training problems (``≥ 0``).
