@@ -39,6 +39,7 @@ from rlprim.losses import (
     compute_gspo_loss,
     compute_ppo_loss,
     compute_reinforce_loss,
+    compute_tis_weights,
     compute_value_loss,
 )
 from rlprim.types import Algorithm, AlgorithmConfig, Batch
@@ -262,6 +263,21 @@ def _old_logprobs(batch: Batch, new_logprobs: torch.Tensor) -> torch.Tensor:
     return new_logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
 
 
+def _tis_weights(
+    batch: Batch, new_logprobs: torch.Tensor, config: AlgorithmConfig, level: str = "token"
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """TIS weights when ``config.tis_cap`` is set and the batch carries engine log-probs."""
+    if config.tis_cap is None or batch.engine_logprobs is None:
+        return None, {}
+    return compute_tis_weights(
+        _old_logprobs(batch, new_logprobs),
+        batch.engine_logprobs,
+        batch.completion_mask,
+        cap=config.tis_cap,
+        level=level,
+    )
+
+
 def _require_advantages(batch: Batch) -> torch.Tensor:
     if batch.advantages is None:
         raise ValueError("batch.advantages is None: compute advantages before the loss")
@@ -316,7 +332,9 @@ def clipped_policy_loss_fn(
     ``L = agg(max(-A·ρ_t, -A·clip(ρ_t, 1-ε_low, 1+ε_high))) + β·agg(KL_t) - c_H·agg(H_t)``
     with ``ρ_t = exp(logp_t - old_logp_t)``, the aggregation ``config.loss_agg_mode`` and the
     KL term only when ``β > 0`` and not ``config.kl_in_reward`` (Shao et al. 2024; Yu et al.
-    2025; Liu et al. 2025).
+    2025; Liu et al. 2025). With ``config.tis_cap = C`` and ``batch.engine_logprobs`` each
+    token's surrogate is weighted by ``min(exp(old_logp_t - engine_logp_t), C)``
+    (``compute_tis_weights``; its diagnostics join the metrics).
 
     Args:
       batch: the ``Batch`` (advantages ``[B]`` or ``[B, Tc]``, completion_mask ``[B, Tc]``).
@@ -326,6 +344,7 @@ def clipped_policy_loss_fn(
       kl_coef: the β in force (defaults to ``config.kl_coef``).
       kl_fn: a ``KLFn`` replacing ``config.kl_estimator`` in the KL term.
     """
+    weights, tis_metrics = _tis_weights(batch, new_logprobs, config)
     loss, metrics = compute_ppo_loss(
         new_logprobs,
         _old_logprobs(batch, new_logprobs),
@@ -336,9 +355,10 @@ def clipped_policy_loss_fn(
         dual_clip_c=config.dual_clip_c,
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
+        token_weights=weights,
     )
     return _with_kl_and_entropy(
-        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+        loss, {**metrics, **tis_metrics}, batch, new_logprobs, config, kl_coef, entropy, kl_fn
     )
 
 
@@ -355,13 +375,15 @@ def gspo_loss_fn(
     """GSPO: the clipped surrogate on the sequence ratio ``exp(mean_t log ρ_t)``.
 
     Zheng et al. 2025 ("Group Sequence Policy Optimization"); see ``compute_gspo_loss``. KL and
-    entropy terms as in ``clipped_policy_loss_fn``.
+    entropy terms as in ``clipped_policy_loss_fn``; TIS (``config.tis_cap``) at the sequence
+    level.
 
     Args:
       batch: the ``Batch`` (advantages ``[B]``).
       new_logprobs: ``[B, Tc]`` current policy log-probs.
       config: the algorithm configuration.
     """
+    weights, tis_metrics = _tis_weights(batch, new_logprobs, config, level="sequence")
     loss, metrics = compute_gspo_loss(
         new_logprobs,
         _old_logprobs(batch, new_logprobs),
@@ -369,9 +391,10 @@ def gspo_loss_fn(
         batch.completion_mask,
         clip_eps_low=config.clip_eps_low,
         clip_eps_high=config.clip_eps_high,
+        sequence_weights=weights,
     )
     return _with_kl_and_entropy(
-        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+        loss, {**metrics, **tis_metrics}, batch, new_logprobs, config, kl_coef, entropy, kl_fn
     )
 
 
@@ -388,13 +411,14 @@ def cispo_loss_fn(
     """CISPO: REINFORCE weighted by a clipped, stop-gradient importance ratio.
 
     ``L = -agg(sg(clip(ρ_t, 1-ε_low, 1+ε_high)) · A · log π_θ(y_t))`` (MiniMax 2025, "MiniMax-M1");
-    see ``compute_cispo_loss``. KL and entropy terms as in ``clipped_policy_loss_fn``.
+    see ``compute_cispo_loss``. KL, entropy and TIS terms as in ``clipped_policy_loss_fn``.
 
     Args:
       batch: the ``Batch``.
       new_logprobs: ``[B, Tc]`` current policy log-probs.
       config: the algorithm configuration.
     """
+    weights, tis_metrics = _tis_weights(batch, new_logprobs, config)
     loss, metrics = compute_cispo_loss(
         new_logprobs,
         _old_logprobs(batch, new_logprobs),
@@ -404,9 +428,10 @@ def cispo_loss_fn(
         clip_eps_high=config.clip_eps_high,
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
+        token_weights=weights,
     )
     return _with_kl_and_entropy(
-        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+        loss, {**metrics, **tis_metrics}, batch, new_logprobs, config, kl_coef, entropy, kl_fn
     )
 
 
@@ -422,22 +447,26 @@ def reinforce_loss_fn(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy-gradient loss ``-agg(A · log π_θ(y_t))`` (REINFORCE, RLOO).
 
-    Williams 1992; Ahmadian et al. 2024. KL and entropy terms as in ``clipped_policy_loss_fn``.
+    Williams 1992; Ahmadian et al. 2024. KL, entropy and TIS terms as in
+    ``clipped_policy_loss_fn`` (TIS with π_old = ``batch.old_logprobs``, the current policy's
+    detached log-probs on-policy).
 
     Args:
       batch: the ``Batch``.
       new_logprobs: ``[B, Tc]`` current policy log-probs.
       config: the algorithm configuration.
     """
+    weights, tis_metrics = _tis_weights(batch, new_logprobs, config)
     loss, metrics = compute_reinforce_loss(
         new_logprobs,
         _require_advantages(batch),
         batch.completion_mask,
         loss_agg_mode=config.loss_agg_mode,
         norm_length=config.norm_length,
+        token_weights=weights,
     )
     return _with_kl_and_entropy(
-        loss, metrics, batch, new_logprobs, config, kl_coef, entropy, kl_fn
+        loss, {**metrics, **tis_metrics}, batch, new_logprobs, config, kl_coef, entropy, kl_fn
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "compute_gspo_loss",
     "compute_cispo_loss",
     "compute_reinforce_loss",
+    "compute_tis_weights",
     "compute_value_loss",
     "compute_entropy_bonus",
     "compute_dpo_pairs",
@@ -50,6 +51,7 @@ LOSS_AGG_MODES = (
 )
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 GSPO_VARIANTS = ("sequence", "token")
+TIS_LEVELS = ("token", "sequence")
 LOG_RATIO_CLAMP = 20.0
 
 # --------------------------------------------------------------------------- input checks
@@ -193,6 +195,17 @@ def _check_policy_inputs(
     advantages = _check_advantages(advantages, new_logprobs, "new_logprobs")
     old_logprobs = old_logprobs.detach().to(device=new_logprobs.device, dtype=new_logprobs.dtype)
     return new_logprobs, old_logprobs, advantages, valid
+
+
+def _check_token_weights(
+    token_weights: object | None, like: torch.Tensor, name: str = "token_weights"
+) -> torch.Tensor | None:
+    """``None`` or a detached float ``[B, T]`` tensor shaped like ``like`` (a constant factor)."""
+    if token_weights is None:
+        return None
+    weights = _check_float_tensor(name, token_weights)
+    _check_same_shape(name, weights, "new_logprobs", like)
+    return weights.detach().to(device=like.device, dtype=like.dtype)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -344,6 +357,7 @@ def compute_ppo_loss(
     dual_clip_c: float | None = None,
     loss_agg_mode: str = "token-mean",
     norm_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, "Proximal Policy Optimization
     Algorithms", eq. 7), with asymmetric clip-higher and dual clip.
@@ -352,6 +366,7 @@ def compute_ppo_loss(
 
         l = max(-A·r, -A·clip(r, 1 - ε_low, 1 + ε_high))
         l = min(l, -c·A)            if A < 0 and dual_clip_c = c is given
+        l = w · l                   if token_weights = w is given (a constant, e.g. TIS)
 
     then ``loss = aggregate_loss(l, mask, loss_agg_mode, norm_length)``. ``ε_high > ε_low`` is
     DAPO's clip-higher (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System
@@ -369,6 +384,8 @@ def compute_ppo_loss(
       clip_eps_low: ε_low ≥ 0. clip_eps_high: ε_high ≥ 0; ``None`` = ε_low (symmetric PPO).
       dual_clip_c: c > 1 (Ye et al. use 3), or ``None`` to disable.
       loss_agg_mode / norm_length: see ``aggregate_loss``.
+      token_weights: ``[B, T]`` constant per-token factors ``w`` (detached), e.g. the
+        truncated importance weights of ``compute_tis_weights``; ``None`` = 1.
     Returns:
       ``(loss, metrics)``; metrics over the valid tokens: ``policy_loss``; ``clip_fraction``
       (tokens where the clipped branch is active, i.e. gradient 0); ``dual_clip_fraction``;
@@ -386,12 +403,15 @@ def compute_ppo_loss(
     dual_clip_c = _check_dual_clip(dual_clip_c)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
+    weights = _check_token_weights(token_weights, new_logprobs)
 
     log_ratio = _clamped_log_ratio(new_logprobs, old_logprobs, valid)
     advantages = _zero_masked(advantages, valid)
     per_token, metrics = _clipped_surrogate(
         log_ratio, advantages, valid, eps_low, eps_high, dual_clip_c
     )
+    if weights is not None:
+        per_token = per_token * _zero_masked(weights, valid)
     loss = _aggregate(per_token, valid, loss_agg_mode, norm_length)
     return loss, {"policy_loss": float(loss.detach()), **metrics}
 
@@ -409,6 +429,7 @@ def compute_grpo_loss(
     clip_eps_high: float | None = None,
     loss_agg_mode: str = "token-mean",
     norm_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO loss (Shao et al. 2024, "DeepSeekMath", eq. 3): the PPO-clip surrogate plus a
     per-token KL penalty to the reference policy, inside the loss.
@@ -434,6 +455,8 @@ def compute_grpo_loss(
       kl_fn: a ``KLFn`` ``(logprobs, ref_logprobs) -> [B, T]`` replacing the estimator.
       clip_eps_low / clip_eps_high: as in ``compute_ppo_loss``.
       loss_agg_mode / norm_length: see ``aggregate_loss``.
+      token_weights: ``[B, T]`` constant factors on the surrogate ``l_clip`` only (not on the
+        KL term), e.g. TIS weights; ``None`` = 1.
     Returns:
       ``(loss, metrics)``: the PPO metrics plus ``kl`` (mean per-token KL over valid tokens, 0
       without ``ref_logprobs``); ``policy_loss`` is the aggregated surrogate without the KL.
@@ -459,10 +482,13 @@ def compute_grpo_loss(
     eps_low, eps_high = _check_clip_range(clip_eps_low, clip_eps_high)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
+    weights = _check_token_weights(token_weights, new_logprobs)
 
     log_ratio = _clamped_log_ratio(new_logprobs, old_logprobs, valid)
     advantages = _zero_masked(advantages, valid)
     per_token, metrics = _clipped_surrogate(log_ratio, advantages, valid, eps_low, eps_high, None)
+    if weights is not None:
+        per_token = per_token * _zero_masked(weights, valid)
     policy_loss = _aggregate(per_token, valid, loss_agg_mode, norm_length)
     loss = policy_loss
     kl_value = 0.0
@@ -491,6 +517,7 @@ def compute_dapo_loss(
     dual_clip_c: float | None = None,
     loss_agg_mode: str = "token-mean",
     norm_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DAPO policy loss (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System
     at Scale"): PPO-clip with decoupled clip ranges, token-level averaging, no KL term.
@@ -514,6 +541,7 @@ def compute_dapo_loss(
         dual_clip_c=dual_clip_c,
         loss_agg_mode=loss_agg_mode,
         norm_length=norm_length,
+        token_weights=token_weights,
     )
 
 
@@ -525,6 +553,7 @@ def compute_gspo_loss(
     clip_eps_low: float = 3e-4,
     clip_eps_high: float | None = 4e-4,
     variant: str = "sequence",
+    sequence_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO loss (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 5): the ratio,
     the clipping and the optimisation are per *sequence*.
@@ -550,6 +579,9 @@ def compute_gspo_loss(
       mask: ``[B, T]`` bool or 0/1; ``None`` = all tokens train.
       clip_eps_low: ε_low ≥ 0. clip_eps_high: ε_high ≥ 0; ``None`` = ε_low.
       variant: ``"sequence"`` (GSPO) or ``"token"`` (GSPO-token).
+      sequence_weights: ``[B]`` constant factors ``w_i`` on each sequence's loss ``l_i`` (on
+        every token of it for GSPO-token), e.g. ``compute_tis_weights(..., level="sequence")``;
+        ``None`` = 1.
     Returns:
       ``(loss, metrics)``: ``policy_loss``; ``clip_fraction`` (fraction of sequences with
       tokens whose clipped branch is active); ``ratio_mean`` / ``ratio_max`` / ``ratio_min`` of
@@ -574,6 +606,15 @@ def compute_gspo_loss(
         new_logprobs, old_logprobs, advantages, mask
     )
     eps_low, eps_high = _check_clip_range(clip_eps_low, clip_eps_high)
+    seq_weights = None
+    if sequence_weights is not None:
+        seq_weights = _check_float_tensor("sequence_weights", sequence_weights)
+        if seq_weights.shape != (new_logprobs.shape[0],):
+            raise ValueError(
+                f"sequence_weights must have shape [B] = ({new_logprobs.shape[0]},), got "
+                f"{tuple(seq_weights.shape)}"
+            )
+        seq_weights = seq_weights.detach().to(new_logprobs)
 
     log_ratio = _zero_masked(new_logprobs - old_logprobs, valid)
     lengths = valid.sum(dim=1)
@@ -588,6 +629,8 @@ def compute_gspo_loss(
         clipped = -seq_advantages * torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high)
         seq_clip_active = clipped > unclipped
         per_seq = torch.where(seq_clip_active, clipped, unclipped)
+        if seq_weights is not None:
+            per_seq = per_seq * _zero_masked(seq_weights, has_tokens)
         loss = per_seq.sum() / torch.clamp(has_tokens.sum(), min=1).to(per_seq.dtype)
     else:
         # s_it: value s_i, gradient s_i · ∇logπ_θ(y_it) through its own token only.
@@ -600,6 +643,8 @@ def compute_gspo_loss(
         clipped = -token_advantages * torch.clamp(token_ratio, 1.0 - eps_low, 1.0 + eps_high)
         clip_active = clipped > unclipped
         per_token = torch.where(clip_active, clipped, unclipped)
+        if seq_weights is not None:
+            per_token = per_token * _zero_masked(seq_weights, has_tokens).unsqueeze(1)
         loss = _aggregate(per_token, valid, "seq-mean-token-mean", None)
         seq_clip_active = (clip_active & valid).any(dim=1)
 
@@ -625,6 +670,7 @@ def compute_cispo_loss(
     clip_eps_low: float | None = None,
     loss_agg_mode: str = "token-mean",
     norm_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CISPO loss (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with
     Lightning Attention"): clip the importance-sampling *weight*, not the update.
@@ -649,6 +695,7 @@ def compute_cispo_loss(
       mask: ``[B, T]`` bool or 0/1; ``None`` = all tokens train.
       clip_eps_high: ε_high ≥ 0. clip_eps_low: ε_low ≥ 0, or ``None`` for no lower bound.
       loss_agg_mode / norm_length: see ``aggregate_loss``.
+      token_weights: ``[B, T]`` constant factors multiplying ``l`` (e.g. TIS); ``None`` = 1.
     Returns:
       ``(loss, metrics)``: ``policy_loss``; ``clip_fraction`` (tokens whose weight was
       clipped); ``ratio_mean`` / ``ratio_max`` / ``ratio_min``; ``approx_kl``.
@@ -663,6 +710,7 @@ def compute_cispo_loss(
     lower = 0.0 if clip_eps_low is None else 1.0 - _check_nonnegative("clip_eps_low", clip_eps_low)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
+    weights = _check_token_weights(token_weights, new_logprobs)
 
     log_ratio = _clamped_log_ratio(new_logprobs, old_logprobs, valid)
     with torch.no_grad():
@@ -670,6 +718,8 @@ def compute_cispo_loss(
         weight = torch.clamp(ratio, min=lower, max=1.0 + eps_high)
         clipped = (ratio > 1.0 + eps_high) | (ratio < lower)
     per_token = -weight * _zero_masked(advantages, valid) * _zero_masked(new_logprobs, valid)
+    if weights is not None:
+        per_token = per_token * _zero_masked(weights, valid)
     loss = _aggregate(per_token, valid, loss_agg_mode, norm_length)
     metrics = {
         "policy_loss": float(loss.detach()),
@@ -688,6 +738,7 @@ def compute_reinforce_loss(
     mask: torch.Tensor | None,
     loss_agg_mode: str = "token-mean",
     norm_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE loss (Williams 1992, "Simple Statistical Gradient-Following Algorithms for
     Connectionist Reinforcement Learning"): ``l = -A · logπ_θ`` per token, aggregated.
@@ -701,6 +752,8 @@ def compute_reinforce_loss(
       advantages: ``[B]`` or ``[B, T]``.
       mask: ``[B, T]`` bool or 0/1; ``None`` = all tokens train.
       loss_agg_mode / norm_length: see ``aggregate_loss``.
+      token_weights: ``[B, T]`` constant factors multiplying ``l`` (e.g. TIS, when the samples
+        came from another engine than π_θ); ``None`` = 1.
     Returns:
       ``(loss, {"policy_loss": ...})``.
     Raises:
@@ -712,9 +765,94 @@ def compute_reinforce_loss(
     advantages = _check_advantages(advantages, new_logprobs, "new_logprobs")
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
+    weights = _check_token_weights(token_weights, new_logprobs)
     per_token = -_zero_masked(advantages, valid) * _zero_masked(new_logprobs, valid)
+    if weights is not None:
+        per_token = per_token * _zero_masked(weights, valid)
     loss = _aggregate(per_token, valid, loss_agg_mode, norm_length)
     return loss, {"policy_loss": float(loss.detach())}
+
+
+# --------------------------------------------------------------------------- engine mismatch
+
+
+def compute_tis_weights(
+    train_logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    mask: torch.Tensor | None,
+    cap: float = 2.0,
+    level: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance-sampling (TIS) weights for the engine/trainer mismatch.
+
+    When an inference engine (vLLM, with its own kernels and precision) samples the tokens, the
+    samples come from ``π_engine``, not from the trainer's ``π_old`` that the policy loss
+    assumes. Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training") correct the policy gradient by a truncated importance weight, a constant
+    (no gradient) factor on each token's loss::
+
+        level="token":     w_t = min(exp(logπ_old(y_t) - logπ_engine(y_t)), C)          [B, T]
+        level="sequence":  w_i = min(exp((1/|y_i|) Σ_t m_it (logπ_old - logπ_engine)), C)  [B]
+
+    (the sequence level matches GSPO's length-normalised sequence ratio). Truncating at ``C``
+    bounds the variance at the price of a small bias (Ionides 2008); ``C = 2`` is a common
+    choice. The log-ratio is clamped to ±20 before ``exp``. Masked tokens get weight 0 and rows
+    without valid tokens weight 0; neither affects any loss.
+
+    Pass ``token_weights=w`` to ``compute_ppo_loss``, ``compute_grpo_loss``,
+    ``compute_dapo_loss``, ``compute_cispo_loss`` or ``compute_reinforce_loss``, or
+    ``sequence_weights=w`` to ``compute_gspo_loss``. Inside the training loop set
+    ``AlgorithmConfig.tis_cap``; the batch then carries ``engine_logprobs``.
+
+    Args:
+      train_logprobs: ``[B, T]`` log π_old of the sampled tokens, computed by the trainer.
+      engine_logprobs: ``[B, T]`` log-probs the engine reported for the same tokens.
+      mask: ``[B, T]`` bool or 0/1; ``None`` = all tokens count.
+      cap: the truncation ``C > 0``.
+      level: ``"token"`` or ``"sequence"``.
+    Returns:
+      ``(weights, metrics)``: weights ``[B, T]`` (token) or ``[B]`` (sequence), detached; metrics
+      over valid tokens (sequences for the ratio statistics at the sequence level):
+      ``tis_weight_mean``; ``tis_clip_fraction`` (ratios above ``C``); ``tis_ratio_max`` (before
+      truncation); ``tis_mismatch_kl``, the mean k3 estimate ``r - 1 - log r`` of
+      KL(π_engine ‖ π_old) from the engine's samples (0 when both agree); and
+      ``tis_logprob_abs_diff`` (mean ``|logπ_old - logπ_engine|``).
+    Raises:
+      TypeError / ValueError: tensors that are not 2-D floats of one shape, a mask not 0/1,
+        ``cap ≤ 0`` or not finite, an unknown ``level``.
+    """
+    train_logprobs = _check_float_tensor("train_logprobs", train_logprobs, ndim=2)
+    engine_logprobs = _check_float_tensor("engine_logprobs", engine_logprobs)
+    _check_same_shape("engine_logprobs", engine_logprobs, "train_logprobs", train_logprobs)
+    valid = _check_mask(mask, train_logprobs, "train_logprobs")
+    cap = _check_positive("cap", cap)
+    if not math.isfinite(cap):
+        raise ValueError(f"cap must be finite, got {cap}")
+    if level not in TIS_LEVELS:
+        raise ValueError(f"level must be one of {list(TIS_LEVELS)}, got {level!r}")
+    with torch.no_grad():
+        engine = engine_logprobs.detach().to(train_logprobs)
+        log_ratio = _clamped_log_ratio(train_logprobs.detach(), engine, valid)
+        token_ratio = torch.exp(log_ratio)
+        metrics = {
+            "tis_mismatch_kl": _masked_mean_value(torch.expm1(log_ratio) - log_ratio, valid),
+            "tis_logprob_abs_diff": _masked_mean_value(log_ratio.abs(), valid),
+        }
+        if level == "token":
+            unit_ratio, unit_valid = token_ratio, valid
+        else:
+            lengths = valid.sum(dim=1)
+            unit_valid = lengths > 0
+            mean_log = log_ratio.sum(dim=1) / torch.clamp(lengths, min=1).to(log_ratio.dtype)
+            unit_ratio = torch.exp(torch.clamp(mean_log, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        weights = _zero_masked(torch.clamp(unit_ratio, max=cap), unit_valid)
+        metrics = {
+            "tis_weight_mean": _masked_mean_value(weights, unit_valid),
+            "tis_clip_fraction": _masked_mean_value((unit_ratio > cap).to(weights.dtype), unit_valid),
+            "tis_ratio_max": _masked_max_value(unit_ratio, unit_valid),
+            **metrics,
+        }
+    return weights, metrics
 
 
 # --------------------------------------------------------------------------- value and entropy

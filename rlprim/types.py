@@ -257,8 +257,10 @@ class AlgorithmConfig(NamedTuple):
         ``max_response_len``, DAPO's 4096 of 20480).
       max_response_len: the completion length cap of overlong shaping (``None``: the
         generation config's ``max_new_tokens``).
-      tis_cap: truncated importance-sampling cap ``C`` for engine/trainer mismatch (``None``
-        disables it).
+      tis_cap: truncated importance-sampling cap ``C`` for the engine/trainer mismatch: each
+        token's policy loss is weighted by ``min(exp(logπ_old - logπ_engine), C)``
+        (``compute_tis_weights``) when the batch carries ``engine_logprobs``; ``None`` disables
+        it.
     """
 
     name: str = "grpo"

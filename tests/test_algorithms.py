@@ -325,3 +325,51 @@ def test_ppo_advantages_shapes_and_whitening():
     sel = adv[mask.bool()]
     assert sel.mean().abs() < 1e-5
     assert torch.all(adv[mask == 0] == 0)
+
+
+# ---------------------------------------------------------------- TIS
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "cispo", "ppo", "reinforce", "gspo"])
+def test_tis_cap_weights_the_policy_loss_with_engine_logprobs(name):
+    batch = make_batch(seed=11, with_values=True)
+    g = torch.Generator().manual_seed(12)
+    engine = batch.old_logprobs + 0.5 * torch.randn(batch.old_logprobs.shape, generator=g)
+    new = batch.old_logprobs + 0.05 * torch.randn(batch.old_logprobs.shape, generator=g)
+    config = create_algorithm_config(name, kl_coef=0.0)
+    extras = {"new_values": torch.zeros_like(new)} if name == "ppo" else {}
+    plain, plain_metrics = compute_loss_by_algorithm(config, batch, new, **extras)
+    # Engine log-probs without tis_cap, or tis_cap without engine log-probs: no change.
+    same, _ = compute_loss_by_algorithm(
+        config, batch._replace(engine_logprobs=engine), new, **extras
+    )
+    assert same.item() == plain.item()
+    capped = config._replace(tis_cap=2.0)
+    same2, m2 = compute_loss_by_algorithm(capped, batch, new, **extras)
+    assert same2.item() == plain.item() and "tis_weight_mean" not in m2
+    # With both, the loss is the weighted one, computed here from the formula.
+    loss, metrics = compute_loss_by_algorithm(
+        capped, batch._replace(engine_logprobs=engine), new, **extras
+    )
+    old = batch.old_logprobs  # π_old: the stored log-probs (the current policy on-policy)
+    m = batch.completion_mask.bool()
+    d = (old - engine).masked_fill(~m, 0.0)
+    if name == "gspo":
+        ratio = torch.exp(d.sum(1) / m.sum(1)).clamp(max=2.0)
+    else:
+        ratio = torch.exp(d).clamp(max=2.0) * m
+    assert metrics["tis_weight_mean"] == pytest.approx(
+        float(ratio.mean() if name == "gspo" else ratio.sum() / m.sum()), rel=1e-5
+    )
+    if name != "gspo":  # sequence means of the log-ratio stay below log 2 in this batch
+        assert 0.0 < metrics["tis_clip_fraction"] < 1.0
+    assert loss.item() != pytest.approx(plain.item(), rel=1e-3)
+    if name in ("dapo", "cispo"):  # token-mean, no KL or value term: check the value itself
+        a = batch.advantages[:, None].expand_as(new)
+        r = torch.exp(new - old)
+        if name == "dapo":
+            per = torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))
+        else:
+            per = -r.clamp(max=5.0) * a * new
+        expected = float((per * ratio * m).sum() / m.sum())
+        assert loss.item() == pytest.approx(expected, rel=1e-5)

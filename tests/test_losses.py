@@ -22,6 +22,7 @@ from rlprim.losses import (
     compute_gspo_loss,
     compute_ppo_loss,
     compute_reinforce_loss,
+    compute_tis_weights,
     compute_value_loss,
 )
 
@@ -807,3 +808,145 @@ def test_no_nan_on_empty_masks(mode):
         new.grad = None
     agg = aggregate_loss(new, mask, mode)
     assert agg.item() == 0.0
+
+
+# --------------------------------------------------------------------------- TIS
+
+
+def test_tis_weights_token_level_by_hand():
+    train = t([[-1.0, -2.0, -0.5, -1.0]])
+    engine = t([[-1.0, -2.5, -3.0, -2.2]])
+    mask = t([[1, 1, 0, 1]])
+    w, m = compute_tis_weights(train, engine, mask, cap=2.0)
+    # ratios exp(0) = 1, exp(0.5) = 1.6487, masked, exp(1.2) = 3.3201 → truncated to 2.
+    torch.testing.assert_close(w, t([[1.0, math.exp(0.5), 0.0, 2.0]]))
+    assert not w.requires_grad
+    assert m["tis_weight_mean"] == pytest.approx((1 + math.exp(0.5) + 2) / 3)
+    assert m["tis_clip_fraction"] == pytest.approx(1 / 3)
+    assert m["tis_ratio_max"] == pytest.approx(math.exp(1.2))
+    k3 = [math.expm1(d) - d for d in (0.0, 0.5, 1.2)]
+    assert m["tis_mismatch_kl"] == pytest.approx(sum(k3) / 3)
+    assert m["tis_logprob_abs_diff"] == pytest.approx(1.7 / 3)
+
+
+def test_tis_weights_sequence_level_by_hand():
+    train = t([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]])
+    engine = t([[-1.5, -1.0, -9.0], [-3.0, -4.0, -1.0], [-1.0, 0.0, 0.0]])
+    mask = t([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    w, m = compute_tis_weights(train, engine, mask, cap=2.0, level="sequence")
+    # row 0: mean log-ratio (0.5 + 0)/2 = 0.25; row 1: (2 + 3 + 0)/3 = 5/3 → exp > 2 → 2;
+    # row 2 has no valid token → 0.
+    torch.testing.assert_close(w, t([math.exp(0.25), 2.0, 0.0]))
+    assert m["tis_clip_fraction"] == pytest.approx(0.5)
+    assert m["tis_ratio_max"] == pytest.approx(math.exp(5 / 3))
+
+
+@given(st.integers(0, 10_000), st.floats(0.5, 5.0))
+def test_tis_weights_match_numpy_reference(seed, cap):
+    rng = np.random.default_rng(seed)
+    train = rng.normal(-2, 1, (4, 6))
+    engine = train + rng.normal(0, 0.7, (4, 6))
+    mask = (rng.random((4, 6)) > 0.3).astype(np.float64)
+    w, _ = compute_tis_weights(t(train), t(engine), t(mask), cap=cap)
+    expected = np.zeros_like(train)
+    for i in range(4):
+        for j in range(6):
+            if mask[i, j]:
+                expected[i, j] = min(math.exp(train[i, j] - engine[i, j]), cap)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "grpo", "dapo", "cispo", "reinforce"])
+def test_token_weights_scale_each_tokens_loss(loss_name):
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+    new = (old + 0.1 * torch.randn(3, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    weights = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+
+    def run(token_weights):
+        if loss_name == "reinforce":
+            return compute_reinforce_loss(new, adv, mask, token_weights=token_weights)[0]
+        fn = {"ppo": compute_ppo_loss, "grpo": compute_grpo_loss, "dapo": compute_dapo_loss,
+              "cispo": compute_cispo_loss}[loss_name]
+        return fn(new, old, adv, mask, token_weights=token_weights)[0]
+
+    # Ones change nothing; a weight on a single token scales exactly that token's loss.
+    assert run(torch.ones_like(new)).item() == run(None).item()
+    total = run(weights)
+    per_token = []
+    for i in range(3):
+        for j in range(5):
+            one = torch.zeros_like(new)
+            one[i, j] = 1.0
+            per_token.append(float(weights[i, j]) * run(one).item())
+    assert total.item() == pytest.approx(sum(per_token), rel=1e-10, abs=1e-12)
+    # The weights are constants: no gradient flows into them.
+    w = weights.clone().requires_grad_(True)
+    run(w).backward()
+    assert w.grad is None
+
+
+def test_gspo_sequence_weights_scale_each_sequence():
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(3, 4, generator=g, dtype=torch.float64)
+    new = old + 1e-4 * torch.randn(3, 4, generator=g, dtype=torch.float64)
+    adv = t([1.0, -0.5, 2.0])
+    mask = t([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    base, _ = compute_gspo_loss(new, old, adv, mask)
+    w = t([0.5, 2.0, 0.0])
+    weighted, _ = compute_gspo_loss(new, old, adv, mask, sequence_weights=w)
+    per_seq = [compute_gspo_loss(new[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1])[0]
+               for i in range(3)]
+    assert weighted.item() == pytest.approx(sum(float(w[i]) * per_seq[i].item()
+                                                for i in range(3)) / 3, rel=1e-10)
+    assert base.item() == pytest.approx(sum(x.item() for x in per_seq) / 3, rel=1e-10)
+    with pytest.raises(ValueError, match="sequence_weights must have shape"):
+        compute_gspo_loss(new, old, adv, mask, sequence_weights=t([1.0, 1.0]))
+
+
+def test_tis_corrects_the_engine_mismatch_bias_of_the_policy_gradient():
+    # Tokens sampled from an engine distribution q ≠ π. The REINFORCE gradient of E_π[f] is
+    # Σ_y π_y f_y (e_y - π) w.r.t. the logits; with importance weights π/q (cap large enough
+    # never to bind) the sample estimate is unbiased, without them it is not.
+    theta = torch.tensor([0.3, -0.2, 1.0, -1.0, 0.0], dtype=torch.float64)
+    q_logits = theta + torch.tensor([0.6, -0.4, -0.5, 0.9, 0.1], dtype=torch.float64)
+    f = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5], dtype=torch.float64)
+    pi, q = torch.softmax(theta, 0), torch.softmax(q_logits, 0)
+    exact = pi * f - pi * (pi * f).sum()
+    n = 200_000
+    y = torch.multinomial(q, n, replacement=True, generator=torch.Generator().manual_seed(0))
+
+    def estimate(with_tis: bool):
+        logits = theta.clone().requires_grad_(True)
+        logp = torch.log_softmax(logits, 0)[y].unsqueeze(1)  # [N, 1]
+        weights = None
+        if with_tis:
+            weights, _ = compute_tis_weights(logp, torch.log(q)[y].unsqueeze(1), None, cap=1e6)
+        loss, _ = compute_reinforce_loss(logp, f[y], None, token_weights=weights)
+        loss.backward()
+        return -logits.grad
+
+    # Standard error of each coordinate of the importance-weighted estimate.
+    score = torch.nn.functional.one_hot(y, 5).double() - pi
+    w = (pi / q)[y]
+    se = ((w * f[y])[:, None] * score).std(dim=0) / math.sqrt(n)
+    corrected, biased = estimate(True), estimate(False)
+    assert torch.all((corrected - exact).abs() < 5 * se)
+    assert (biased - exact).abs().max() > 20 * se.max()
+
+
+def test_tis_weights_bad_input():
+    x = t([[-1.0, -2.0]])
+    with pytest.raises(ValueError, match="cap"):
+        compute_tis_weights(x, x, None, cap=0.0)
+    with pytest.raises(ValueError, match="cap"):
+        compute_tis_weights(x, x, None, cap=float("inf"))
+    with pytest.raises(ValueError, match="level"):
+        compute_tis_weights(x, x, None, level="batch")
+    with pytest.raises(ValueError, match="engine_logprobs"):
+        compute_tis_weights(x, t([[-1.0]]), None)
+    with pytest.raises(ValueError, match="token_weights"):
+        compute_ppo_loss(x, x, t([1.0]), None, token_weights=t([[1.0]]))
