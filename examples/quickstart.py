@@ -6,7 +6,7 @@ with supervision only part of the way on two-digit addition; reinforcement learn
 exact-answer reward takes it the rest of the way, measured on held-out problems.
 
 Run it:
-    python examples/quickstart.py            # 30 iterations
+    python examples/quickstart.py            # 40 iterations
     python examples/quickstart.py --quick    # 3 iterations (the tests)
 """
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     output_dir = tempfile.mkdtemp(prefix="rlprim-quickstart-") if args.quick else "runs/quickstart"
     state = rp.quick_start_training(          # every default is the bundled arithmetic task
-        num_iterations=3 if args.quick else 30,
+        num_iterations=3 if args.quick else 40,
         algorithm="grpo",
         kl_coef=0.0,                          # an AlgorithmConfig override: no reference model
         output_dir=output_dir,

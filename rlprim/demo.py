@@ -2,7 +2,7 @@
 
 Run it with ``make demo`` or ``python -m rlprim.demo [--iterations N] [--output runs/demo]``.
 It measures held-out greedy accuracy of the bundled ``rlprim/arith-tiny`` model, trains it with
-``quick_start_training`` (GRPO, β = 0, 32 prompts × 8 samples per iteration, 30 iterations), and writes
+``quick_start_training`` (GRPO, β = 0, 32 prompts × 8 samples per iteration, 40 iterations), and writes
 ``stats.jsonl``, ``reward_curve.png`` and a final checkpoint to the output directory.
 """
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
       ``{"accuracy_before", "accuracy_after", "seconds"}``.
     """
     parser = argparse.ArgumentParser(prog="python -m rlprim.demo", description=__doc__)
-    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--output", default=os.path.join("runs", "demo"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

@@ -384,8 +384,9 @@ def build_stats_figure(
     """A ``matplotlib.figure.Figure`` with one subplot per metric present in ``records``.
 
     ``records`` are dicts as ``read_stats_jsonl`` returns. A metric that no record measures is
-    skipped (at least one must be present); records where a metric is ``None`` leave a gap in
-    its line only. ``x="step"`` plots against the ``step`` statistic. ``x="time"`` plots against
+    skipped (at least one must be present); a metric is drawn through the records that
+    measure it (not ``None`` / ``nan``), so one measured every few iterations (a held-out
+    evaluation every ``eval_every``) is a connected line with a marker on each measurement. ``x="step"`` plots against the ``step`` statistic. ``x="time"`` plots against
     elapsed seconds: ``wall_time - wall_time[0]`` when every record has a ``wall_time`` key
     (put ``time.time()`` in ``TrainingStats.extra["wall_time"]`` to get it), else the cumulative
     sum of ``time_generate + time_reference + time_train``.
@@ -417,10 +418,18 @@ def build_stats_figure(
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(present), 1, squeeze=False, sharex=True)[:, 0]
     for axis, name in zip(axes, present, strict=True):
-        values = [
-            float("nan") if record.get(name) is None else float(record[name]) for record in records
+        points = [
+            (x_value, float(record[name]))
+            for x_value, record in zip(xs, records, strict=True)
+            if record.get(name) is not None and math.isfinite(float(record[name]))
         ]
-        axis.plot(xs, values, marker="." if len(xs) < 50 else None)
+        sparse = len(points) < len(records)
+        axis.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o" if sparse else ("." if len(points) < 50 else None),
+            markersize=4 if sparse else None,
+        )
         axis.set_ylabel(name)
         axis.grid(True, alpha=0.3)
     axes[-1].set_xlabel(x_label)

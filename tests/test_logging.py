@@ -400,10 +400,28 @@ def test_build_stats_figure_axes_and_data():
     figure = build_stats_figure(records, ["reward_mean", "nope", "kl"])
     assert [axis.get_ylabel() for axis in figure.axes] == ["reward_mean", "kl"]
     line = figure.axes[1].get_lines()[0]
-    assert list(line.get_xdata()) == [0, 1, 2, 3, 4]
-    kl = line.get_ydata()
-    assert math.isnan(kl[2]) and np.allclose(np.delete(kl, 2), [0.0, 0.01, 0.03, 0.04])
+    # Record 2 has no KL: the line goes through the four measured points.
+    assert list(line.get_xdata()) == [0, 1, 3, 4]
+    assert np.allclose(line.get_ydata(), [0.0, 0.01, 0.03, 0.04])
+    assert line.get_marker() == "o"
+    assert figure.axes[0].get_lines()[0].get_marker() == "."
     assert figure.axes[1].get_xlabel() == "step"
+
+
+def test_build_stats_figure_draws_a_sparse_metric_through_its_measurements():
+    # A held-out evaluation every 5 iterations, as train(eval_every=5) logs it.
+    records = [
+        {"step": i, "reward_mean": 0.1 * i, "eval/acc": 0.5 + i / 100 if (i + 1) % 5 == 0 else None}
+        for i in range(12)
+    ]
+    records[9]["eval/acc"] = float("nan")  # a nan measurement is skipped too
+    figure = build_stats_figure(records, ["reward_mean", "eval/acc"])
+    line = figure.axes[1].get_lines()[0]
+    assert list(line.get_xdata()) == [4]
+    assert np.allclose(line.get_ydata(), [0.54])
+    records[9]["eval/acc"] = 0.59
+    line = build_stats_figure(records, ["eval/acc"]).axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [4, 9] and np.allclose(line.get_ydata(), [0.54, 0.59])
 
 
 def test_build_stats_figure_time_axis():
