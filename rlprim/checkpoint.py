@@ -51,6 +51,13 @@ Exact resume: with the same code, seeds and device (CPU), saving at iteration ``
 freshly built objects and continuing to ``n`` gives bit-identical weights to an uninterrupted run
 to ``n``: weights, optimizer moments and step counts, scheduler, and the global RNG streams
 (torch, numpy, python — dropout and data sampling) are all restored.
+
+Data parallel (``torchrun``, ``rlprim.distributed``): ``save_checkpoint`` is called on every
+rank; DDP wrappers are unwrapped (weights keyed as in the bare model), every rank's RNG states
+are gathered, rank 0 writes (rank ``r >= 1``'s RNG states go to ``rng_rank_<r>.json``) and all
+ranks wait until it has. ``load_checkpoint`` is called on every rank with the same path (a
+filesystem all ranks see); each restores its own RNG states (rank 0's when the checkpoint has
+none for it, e.g. written by fewer ranks).
 """
 
 from __future__ import annotations
@@ -73,6 +80,13 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from rlprim.distributed import (
+    all_gather_objects,
+    all_reduce_scalars,
+    get_distributed_info,
+    is_distributed,
+    unwrap_model,
+)
 from rlprim.types import TrainingState
 
 __all__ = [
@@ -94,6 +108,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
 _STATE = "state.json"
 _RNG = "rng.json"
+_RANK_RNG = "rng_rank_{rank}.json"  # data parallel: ranks 1… (rank 0's is rng.json)
 _OPTIMIZER = "optimizer.pt"
 _SCHEDULER = "scheduler.pt"
 _WEIGHTS = "model.safetensors"
@@ -618,8 +633,12 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
 
     Nothing in ``state`` and no global RNG is modified.
 
+    Data parallel: every rank calls it; rank 0 writes, the others send their RNG states and wait
+    until the write has succeeded (an error on rank 0 is raised on every rank).
+
     Args:
-      state: the ``TrainingState`` to save (``policy`` must be an ``nn.Module``).
+      state: the ``TrainingState`` to save (``policy`` must be an ``nn.Module``; a DDP wrapper
+        is saved as its inner model).
       path: the checkpoint directory. Its parent is created if needed. An existing checkpoint at
         ``path`` is replaced atomically; an existing directory that is not a checkpoint (no
         ``manifest.json``) or a file is refused with ``ValueError``.
@@ -660,16 +679,17 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
             "refusing to replace it"
         )
 
+    modules = {name: unwrap_model(getattr(state, name)) for name in _MODEL_COMPONENTS}
     components: dict[str, Any] = {
         "tokenizer": None if state.tokenizer is None else {"class": type(state.tokenizer).__name__},
         "optimizer": None if state.optimizer is None else {"class": type(state.optimizer).__name__},
         "scheduler": None if state.scheduler is None else {"class": type(state.scheduler).__name__},
     }
     for name in _MODEL_COMPONENTS:
-        module = getattr(state, name)
+        module = modules[name]
         if module is None:
             components[name] = None
-        elif name != "policy" and module is state.policy:
+        elif name != "policy" and module is modules["policy"]:
             components[name] = {"alias": "policy"}
         else:
             components[name] = _component_info(module)
@@ -684,6 +704,35 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
         "torch_version": torch.__version__,
     }
 
+    # --- data parallel: rank 0 writes every rank's RNG states; the others wait for it ---
+    if is_distributed():
+        rank_rngs = all_gather_objects(rng_json)
+        failure: BaseException | None = None
+        if get_distributed_info().rank == 0:
+            try:
+                _write_checkpoint(state, modules, path, components, metadata, rank_rngs)
+            except BaseException as error:  # re-raised below, after telling the other ranks
+                failure = error
+        if all_reduce_scalars([0.0 if failure is None else 1.0])[0]:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"save_checkpoint: rank 0 failed to write {path!r} (see its error)")
+        return path
+    # --- end data parallel ---
+    _write_checkpoint(state, modules, path, components, metadata, [rng_json])
+    return path
+
+
+def _write_checkpoint(
+    state: TrainingState,
+    modules: Mapping[str, nn.Module | None],
+    path: str,
+    components: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    rank_rngs: Sequence[Any],
+) -> None:
+    """Writes the validated checkpoint atomically (``rank_rngs[0]`` is ``rng.json``)."""
+    rng_json = rank_rngs[0]
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     temporary = os.path.join(parent, f".{name}.tmp")
@@ -693,7 +742,7 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
         for component in _MODEL_COMPONENTS:
             info = components[component]
             if info is not None and "alias" not in info:
-                _save_model_dir(getattr(state, component), os.path.join(temporary, component), info)
+                _save_model_dir(modules[component], os.path.join(temporary, component), info)
         if state.tokenizer is not None:
             state.tokenizer.save_pretrained(os.path.join(temporary, "policy"))
         if state.optimizer is not None:
@@ -701,6 +750,8 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
         if state.scheduler is not None:
             torch.save(state.scheduler.state_dict(), os.path.join(temporary, _SCHEDULER))
         _write_json(os.path.join(temporary, _RNG), rng_json)
+        for rank, rank_rng in enumerate(rank_rngs[1:], start=1):
+            _write_json(os.path.join(temporary, _RANK_RNG.format(rank=rank)), rank_rng)
         _write_json(os.path.join(temporary, _STATE), metadata)
 
         files = {}
@@ -722,7 +773,6 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
     except BaseException:
         _remove_tree(temporary)
         raise
-    return path
 
 
 # --------------------------------------------------------------------------- verification
@@ -945,10 +995,11 @@ def load_checkpoint(
          SHA-256, no unlisted file — else ``ValueError`` naming the file;
       2. read the metadata, RNG states, all weights (into memory on ``map_location``) and the
          optimizer / scheduler state_dicts (``torch.load(weights_only=True)``);
-      3. match each saved component to its target: for every model given in ``state`` the
-         checkpoint's keys must equal the model's ``state_dict`` keys exactly (tied aliases
-         resolved), with equal shapes and dtypes; the optimizer must be the same class with the
-         same parameter groups and sizes; the scheduler the same class. A component given in
+      3. match each saved component to its target: for every model given in ``state`` (a DDP
+         wrapper counts as its inner model) the checkpoint's keys must equal the model's
+         ``state_dict`` keys exactly (tied aliases resolved), with equal shapes and dtypes;
+         the optimizer must be the same class with the same parameter groups and sizes; the
+         scheduler the same class. A component given in
          ``state`` but absent from the checkpoint is an error too (never a silent partial
          load);
       4. rebuild what ``state`` leaves ``None`` (see below);
@@ -993,8 +1044,12 @@ def load_checkpoint(
     # 1-2: verify, then read everything into memory.
     verify_checkpoint(path)
     raw = _read_state_json(path)
-    with open(os.path.join(path, _RNG), encoding="utf-8") as file:
-        rng_state = _rng_from_json(json.load(file), f"checkpoint {path!r}: {_RNG}")
+    rng_file = _RNG
+    rank = get_distributed_info().rank if is_distributed() else 0
+    if rank and os.path.isfile(os.path.join(path, _RANK_RNG.format(rank=rank))):
+        rng_file = _RANK_RNG.format(rank=rank)  # data parallel: this rank's own RNG streams
+    with open(os.path.join(path, rng_file), encoding="utf-8") as file:
+        rng_state = _rng_from_json(json.load(file), f"checkpoint {path!r}: {rng_file}")
     config = _from_json(raw.get("config"), f"{_STATE} config")
     loader_state = _from_json(raw.get("loader_state"), f"{_STATE} loader_state")
     components = raw["components"]
@@ -1030,7 +1085,7 @@ def load_checkpoint(
                 to_rebuild.append(name)
             targets[name] = None
         else:
-            targets[name] = given
+            targets[name] = unwrap_model(given)  # a DDP wrapper's keys carry "module."
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name in _MODEL_COMPONENTS:
         info = components.get(name)
@@ -1087,7 +1142,10 @@ def load_checkpoint(
     if restore_rng:
         restore_rng_state(rng_state)
 
-    models = {name: targets[name] or rebuilt.get(name) for name in _MODEL_COMPONENTS}
+    models = {}
+    for name in _MODEL_COMPONENTS:  # given wrappers come back as given
+        given = getattr(state, name)
+        models[name] = given if given is not None else targets[name] or rebuilt.get(name)
     for name in ("ref_model", "value_model"):
         info = components.get(name)
         if info is not None and "alias" in info and models[name] is None:
@@ -1166,7 +1224,8 @@ def create_checkpoint_fn(
     ``step_<N>`` with ``N < state.iteration`` beyond the ``K`` most recent ones with
     ``N <= state.iteration``; newer ones (``N > state.iteration``, left by a run resumed from an
     earlier checkpoint) are left alone. Its decisions depend only on ``state.iteration`` and the
-    directory listing: no hidden counter.
+    directory listing: no hidden counter. Under ``torchrun`` every rank calls it; rank 0 writes
+    and deletes.
 
     Args:
       directory: where checkpoints go (created on first save).
@@ -1188,7 +1247,8 @@ def create_checkpoint_fn(
         if iteration % every:
             return None
         path = save_checkpoint(state, os.path.join(directory, f"step_{iteration:08d}"))
-        if keep_last is not None:
+        # Data parallel: only rank 0 deletes (save_checkpoint returned once it had written).
+        if keep_last is not None and get_distributed_info().rank == 0:
             older = [p for n, p in _list_checkpoints(directory) if n <= iteration]
             for stale in older[:-keep_last]:
                 _delete_checkpoint(stale)

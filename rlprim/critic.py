@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlprim.distributed import unwrap_model
+
 __all__ = ["create_value_model", "get_values"]
 
 
@@ -82,8 +84,8 @@ def get_values(
     padding), as in generation.
 
     Args:
-      value_model: a critic (``create_value_model``) returning ``logits [B, T, 1]``, or any
-        callable ``(input_ids, attention_mask) -> [B, T]``.
+      value_model: a critic (``create_value_model``, possibly DDP-wrapped) returning
+        ``logits [B, T, 1]``, or any callable ``(input_ids, attention_mask) -> [B, T]``.
       input_ids: ``[B, T]`` prompt and completion ids.
       attention_mask: ``[B, T]``.
       completion_length: ``Tc``, the number of completion columns at the end of ``input_ids``.
@@ -97,6 +99,7 @@ def get_values(
             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
         )
     T = input_ids.shape[1]
+    value_model = unwrap_model(value_model)  # a DDP wrapper hides the HF signature
     if not 1 <= completion_length < T:
         raise ValueError(f"completion_length must be in [1, {T - 1}], got {completion_length}")
     if isinstance(value_model, nn.Module) and hasattr(value_model, "config"):

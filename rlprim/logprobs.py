@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rlprim.distributed import unwrap_model
+
 __all__ = [
     "FUSED_HEAD_MODEL_TYPES",
     "get_logprobs",
@@ -367,6 +369,9 @@ def _hidden_or_logits(
     """``[B, N, H]`` hidden states predicting the last N tokens and the head, or ``[B, N, V]``
     logits and None on the fallback path."""
     length = input_ids.shape[1]
+    # A DDP wrapper's forward hides the HF signature (position_ids, logits_to_keep); rlprim
+    # synchronises gradients itself, once per step (rlprim.distributed.synchronize_gradients).
+    model = unwrap_model(model)
     parts = _backbone_and_head(model)
     vocab = _vocab_size(model, parts)
     if vocab is not None:
@@ -413,8 +418,9 @@ def get_logprobs(
     and its descendants (GRPO, Shao et al. 2024; DAPO, Yu et al. 2025).
 
     Args:
-      model: a Hugging Face causal LM (optionally peft-wrapped); used in its current train/eval
-        mode, gradients flow when enabled.
+      model: a Hugging Face causal LM (optionally peft- or DDP-wrapped: a
+        ``DistributedDataParallel`` wrapper is unwrapped, its gradients are synchronised by
+        ``training_step``); used in its current train/eval mode, gradients flow when enabled.
       input_ids: ``[B, T]`` token ids, ``[left-padded prompt | right-padded completion]``.
       attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding.
       completion_mask: ``[B, N]`` (the output shape); entries where it is 0 are 0 in the output

@@ -14,6 +14,7 @@ time are computed by the same function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,12 +32,27 @@ from rlprim.algorithms import (
     validate_algorithm_config,
 )
 from rlprim.batching import (
+    microbatch_loss_totals,
     microbatch_loss_weights,
     pack_by_length,
     rollouts_to_batch,
+    select_batch,
     split_minibatches,
+    trim_padding,
 )
 from rlprim.critic import create_value_model, get_values
+from rlprim.distributed import (
+    all_reduce_scalars,
+    gather_rows,
+    get_distributed_info,
+    is_distributed,
+    is_main_process,
+    no_sync,
+    rank_seed,
+    shard_bounds,
+    synchronize_gradients,
+    unwrap_model,
+)
 from rlprim.inference import hf_generator
 from rlprim.kl import compute_per_token_kl, create_reference_model, update_reference_model
 from rlprim.logprobs import get_logprobs, get_reference_logprobs
@@ -181,6 +197,16 @@ def _model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([batch.prompt_ids, batch.completion_ids], dim=1), batch.attention_mask
 
 
+# TIS diagnostics (``compute_tis_weights``) averaged over micro-batches and updates;
+# ``tis_ratio_max`` is a maximum instead.
+_TIS_MEAN_METRICS = (
+    "tis_weight_mean",
+    "tis_clip_fraction",
+    "tis_mismatch_kl",
+    "tis_logprob_abs_diff",
+)
+
+
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
@@ -207,6 +233,13 @@ def training_step(
     or the gradient norm is not finite the update is skipped: gradients are dropped, weights and
     optimizer state stay bit-identical, and ``stats.skipped_updates == 1``.
 
+    Data parallel (``rlprim.distributed.is_distributed()``): ``batch`` is this rank's rows (it
+    may have none). The weights use the global normaliser (``microbatch_loss_totals``
+    all-reduced), backward passes stay local (``no_sync``), then one ``synchronize_gradients``
+    sums the gradients over ranks — so the update is the one a single process would make on the
+    union of the ranks' batches, whatever the ranks' micro-batch counts. Finiteness is agreed
+    on (a non-finite loss on any rank skips the update on all) and the stats are global.
+
     Args:
       state: the current state.
       batch: ``Batch`` with completion ``[B, Tc]`` tensors and advantages.
@@ -231,50 +264,95 @@ def training_step(
     extract = logprob_extractor or get_logprobs
     step_fn = optimizer_step_fn or default_optimizer_step
     params = _trainable_parameters(state)
-    micro = _micro_batches(batch, config.micro_batch_size)
-    weights = microbatch_loss_weights(micro, config.loss_agg_mode)
+    # --- data parallel: global normalisers (rlprim.distributed) ---
+    parallel = is_distributed()
+    if parallel:
+        mode = config.loss_agg_mode
+        if mode == "seq-mean-token-sum-norm" and algorithm_config.norm_length is None:
+            # The global batch's Tc: the longest completion on any rank.
+            tc_global = all_reduce_scalars([batch.completion_ids.shape[1]], "max")[0]
+            config = config._replace(norm_length=int(tc_global))
+        micro = _micro_batches(batch, config.micro_batch_size) if len(batch.completion_ids) else []
+        totals = all_reduce_scalars(microbatch_loss_totals(micro, config.loss_agg_mode))
+        weights = microbatch_loss_weights(micro, config.loss_agg_mode, global_totals=tuple(totals))
+    # --- end data parallel ---
+    else:
+        micro = _micro_batches(batch, config.micro_batch_size)
+        weights = microbatch_loss_weights(micro, config.loss_agg_mode)
     want_entropy = True
 
     state.optimizer.zero_grad(set_to_none=True)
     finite = True
     losses, metrics_seen, entropies = [], [], []
-    for mb, weight in zip(micro, weights, strict=True):
-        input_ids, attention_mask = _model_inputs(mb)
-        tc = mb.completion_ids.shape[1]
-        out = extract(
-            state.policy,
-            input_ids,
-            attention_mask,
-            temperature=temperature,
-            completion_length=tc,
-            return_entropy=want_entropy,
-        )
-        new_logprobs, entropy = out if want_entropy else (out, None)
-        extras: dict[str, Any] = {"kl_coef": state.kl_coef}
-        if kl_fn is not None:
-            extras["kl_fn"] = kl_fn
-        if pair_selector is not None:
-            extras["pair_selector"] = pair_selector
-        if entropy is not None:
-            extras["entropy"] = entropy
-        if algorithm.needs_value:
-            if state.value_model is None:
-                raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
-            extras["new_values"] = get_values(state.value_model, input_ids, attention_mask, tc)
-        loss, metrics = compute_loss_by_algorithm(
-            config, mb, new_logprobs, registry=registry, loss_fn=loss_fn, **extras
-        )
-        if not torch.isfinite(loss):
-            finite = False
-            break
-        if weight and loss.requires_grad:  # a fully masked batch has no graph
-            (loss * weight).backward()
-        losses.append(float(loss.detach()) * weight)
-        metrics_seen.append((weight, dict(metrics)))
-        if entropy is not None:
-            m = mb.completion_mask
-            entropies.append((float((entropy.detach() * m).sum()), float(m.sum())))
+    # Data parallel: backward passes accumulate locally; gradients are summed once below.
+    with no_sync(state.policy, state.value_model) if parallel else contextlib.nullcontext():
+        for mb, weight in zip(micro, weights, strict=True):
+            input_ids, attention_mask = _model_inputs(mb)
+            tc = mb.completion_ids.shape[1]
+            out = extract(
+                state.policy,
+                input_ids,
+                attention_mask,
+                temperature=temperature,
+                completion_length=tc,
+                return_entropy=want_entropy,
+            )
+            new_logprobs, entropy = out if want_entropy else (out, None)
+            extras: dict[str, Any] = {"kl_coef": state.kl_coef}
+            if kl_fn is not None:
+                extras["kl_fn"] = kl_fn
+            if pair_selector is not None:
+                extras["pair_selector"] = pair_selector
+            if entropy is not None:
+                extras["entropy"] = entropy
+            if algorithm.needs_value:
+                if state.value_model is None:
+                    raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
+                extras["new_values"] = get_values(state.value_model, input_ids, attention_mask, tc)
+            loss, metrics = compute_loss_by_algorithm(
+                config, mb, new_logprobs, registry=registry, loss_fn=loss_fn, **extras
+            )
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            if weight and loss.requires_grad:  # a fully masked batch has no graph
+                (loss * weight).backward()
+            losses.append(float(loss.detach()) * weight)
+            metrics_seen.append((weight, dict(metrics)))
+            if entropy is not None:
+                m = mb.completion_mask
+                entropies.append((float((entropy.detach() * m).sum()), float(m.sum())))
 
+    def metric_sums(name: str) -> tuple[float, float, int]:
+        vals = [(w, m[name]) for w, m in metrics_seen if name in m]
+        return sum(w * v for w, v in vals), sum(w for w, _ in vals), len(vals)
+
+    mask = batch.completion_mask
+    tokens = float(mask.sum())
+    num_sequences = int(batch.completion_ids.shape[0])
+    metric_names = ("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl")
+    if algorithm_config.tis_cap is not None:
+        metric_names += _TIS_MEAN_METRICS
+    seen_ratio_max = [m["tis_ratio_max"] for _, m in metrics_seen if "tis_ratio_max" in m]
+    tis_ratio_max = max(seen_ratio_max, default=-math.inf)
+    global_sums: dict[str, tuple[float, float, int]] = {}
+    # --- data parallel: agree on finiteness, sum stats and gradients over ranks ---
+    if parallel:
+        local = [0.0 if finite else 1.0, sum(losses), tokens, num_sequences]
+        local += [sum(e for e, _ in entropies), sum(n for _, n in entropies)]
+        for name in metric_names:
+            local += list(metric_sums(name))
+        reduced = all_reduce_scalars(local)
+        finite = reduced[0] == 0
+        losses, tokens, num_sequences = [reduced[1]], reduced[2], int(reduced[3])
+        entropies = [(reduced[4], reduced[5])]
+        for i, name in enumerate(metric_names):
+            global_sums[name] = tuple(reduced[6 + 3 * i : 9 + 3 * i])
+        if algorithm_config.tis_cap is not None:
+            tis_ratio_max = all_reduce_scalars([tis_ratio_max], "max")[0]
+        if finite:
+            synchronize_gradients(params)
+    # --- end data parallel ---
     grad_norm = float("nan")
     if finite:
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
@@ -286,13 +364,15 @@ def training_step(
     state.optimizer.zero_grad(set_to_none=True)
 
     def metric(name: str) -> float:
-        vals = [(w, m[name]) for w, m in metrics_seen if name in m]
-        total = sum(w for w, _ in vals)
-        return sum(w * v for w, v in vals) / total if vals and total else float("nan")
+        weighted, total, count = global_sums.get(name) or metric_sums(name)
+        return weighted / total if count and total else float("nan")
 
-    mask = batch.completion_mask
-    tokens = float(mask.sum())
     ent_tokens = sum(n for _, n in entropies)
+    extra = {}
+    if algorithm_config.tis_cap is not None:
+        extra = {name: metric(name) for name in _TIS_MEAN_METRICS}
+        extra["tis_ratio_max"] = tis_ratio_max
+        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
     stats = TrainingStats(
         step=state.step,
         loss=sum(losses) if finite else float("nan"),
@@ -305,8 +385,9 @@ def training_step(
         approx_kl=metric("approx_kl"),
         grad_norm=grad_norm,
         num_tokens=int(tokens),
-        num_sequences=int(batch.completion_ids.shape[0]),
+        num_sequences=int(num_sequences),
         skipped_updates=0 if finite else 1,
+        extra=extra or None,
     )
     return state._replace(step=state.step + 1), stats
 
@@ -367,7 +448,7 @@ def _sample_and_score(
         if seed_offset and gen_config.seed is not None:
             cfg = gen_config._replace(seed=gen_config.seed + 100_003 * seed_offset)
         rollouts = create_batch_rollouts(
-            state.policy, state.tokenizer, prompts, cfg, generator=generator,
+            unwrap_model(state.policy), state.tokenizer, prompts, cfg, generator=generator,
             group_offset=group_offset,
         )
         rewards = compute_batch_rewards(rollouts, reward_fn, aggregator)
@@ -380,6 +461,35 @@ def _sample_and_score(
         sample, target_groups=len(prompts), max_rounds=config.max_sampling_rounds
     )
     return rollouts, {f"dynamic_sampling/{k}": float(v) for k, v in ds._asdict().items()}
+
+
+def _local_rows(x: torch.Tensor, row_offset: int, shape: torch.Size) -> torch.Tensor:
+    """Data parallel: this rank's ``[B_r]`` / ``[B_r, Tc_r]`` part of a global-batch tensor."""
+    rows = x[row_offset : row_offset + shape[0]]
+    return rows[:, : shape[1]] if rows.dim() == 2 else rows
+
+
+def _local_minibatches(
+    batch: Batch, global_rows: int, row_offset: int, size: int, seed: int
+) -> list[Batch]:
+    """Data parallel: ``split_minibatches(global_batch, size, seed)`` restricted to this rank.
+
+    Minibatch ``k`` holds the rows ``perm[k·size : (k+1)·size]`` of the global batch (the
+    permutation ``split_minibatches`` draws); this rank keeps those in ``[row_offset,
+    row_offset + B_r)``, in the same order — possibly none (a 0-row batch). Every rank gets the
+    same number of minibatches, so all take the same optimizer steps.
+    """
+    order = torch.randperm(global_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    local_count = batch.completion_ids.shape[0]
+    result = []
+    for start in range(0, global_rows, size):
+        rows = [i - row_offset for i in order[start : start + size]]
+        rows = [i for i in rows if 0 <= i < local_count]
+        if rows:
+            result.append(trim_padding(select_batch(batch, rows)))
+        else:
+            result.append(Batch(*(None if x is None else x[:0] for x in batch)))
+    return result
 
 
 def training_iteration(
@@ -417,10 +527,24 @@ def training_iteration(
        minibatch the ratio's old log-probs are the detached current ones (no extra forward);
        otherwise they are the sampling log-probs the generator returned (or one no-grad
        forward when it returned none).
+       With ``config.tis_cap = C`` (truncated importance sampling, for an engine such as vLLM
+       whose log-probs differ from the trainer's) the generator's log-probs become
+       ``batch.engine_logprobs``, π_old is the trainer's own (the detached current log-probs
+       on-policy, else one no-grad forward), and the policy losses weight each token by
+       ``min(π_old / π_engine, C)``; the ``tis_*`` diagnostics join ``stats.extra``.
     6. ``kl_controller(kl_coef, observed_kl, n_steps=B)`` updates β when given, with
        ``observed_kl`` the batch mean of the per-sequence KL (summed over tokens)
        (``create_adaptive_kl_controller``); otherwise β is ``config.kl_coef``.
     7. ``ref_model_update_fn(ref_model, policy, step)`` refreshes the reference.
+
+    Data parallel (``torchrun``, ``rlprim.distributed.is_distributed()``): ``prompts`` is the
+    global list; this rank samples its contiguous share (``shard_bounds``, group ids kept
+    global) with seed ``rank_seed(gen_config.seed, rank)``. Rewards, masks, values and KL are
+    gathered so advantages and every statistic are the global batch's; minibatches are the
+    single-process ones (same shuffle of the global rows), each rank training on its rows of
+    each; ``training_step`` sums gradients over ranks. Every rank ends with the same weights
+    and the same stats (timings and ``dynamic_sampling/*`` are per rank). When any rank is
+    left without an informative group, every rank skips the iteration.
 
     Args:
       state: the current state.
@@ -454,12 +578,24 @@ def training_iteration(
     temperature = gen_config.temperature
     if config.loss_agg_mode == "seq-mean-token-sum-norm" and config.norm_length is None:
         config = config._replace(norm_length=gen_config.max_new_tokens)
+    # --- data parallel: this rank's prompts and sampling seed ---
+    parallel = is_distributed()
+    group_offset = 0
+    if parallel:
+        info = get_distributed_info()
+        group_offset, stop = shard_bounds(len(prompts), info.rank, info.world_size)
+        prompts = list(prompts)[group_offset:stop]
+        gen_config = gen_config._replace(seed=rank_seed(gen_config.seed, info.rank))
+    # --- end data parallel ---
 
     t0 = time.perf_counter()
     rollouts, sampling_stats = _sample_and_score(
-        state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn, 0
+        state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
+        group_offset,
     )
     time_generate = time.perf_counter() - t0
+    if parallel and all_reduce_scalars([1.0 if rollouts else 0.0], "min")[0] == 0:
+        rollouts = []  # some rank has nothing to train on: every rank skips together
     if not rollouts:
         stats = TrainingStats(
             step=state.step, kl_coef=kl_coef, skipped_updates=1, time_generate=time_generate,
@@ -470,12 +606,29 @@ def training_iteration(
     batch = rollouts_to_batch(rollouts, state.tokenizer)
     rewards = batch.rewards
     mask = batch.completion_mask
+    # Batch-level quantities (advantages, statistics) use the global batch when data parallel.
+    global_rewards, global_mask, global_rows, row_offset = rewards, mask, int(mask.shape[0]), 0
+    # --- data parallel: the global batch's rewards and masks, in single-process order ---
+    if parallel:
+        global_rewards, row_counts = gather_rows(rewards)
+        global_mask, _ = gather_rows(mask)
+        global_rows, row_offset = sum(row_counts), sum(row_counts[: info.rank])
+    # --- end data parallel ---
     num_minibatches = 1
     if config.minibatch_size is not None:
-        num_minibatches = math.ceil(batch.completion_ids.shape[0] / config.minibatch_size)
+        num_minibatches = math.ceil(global_rows / config.minibatch_size)
     on_policy = config.num_epochs == 1 and num_minibatches == 1
 
     t1 = time.perf_counter()
+    engine_logprobs = None
+    if config.tis_cap is not None:
+        # TIS: the generator's log-probs are the engine's; π_old is recomputed by the trainer.
+        if batch.old_logprobs is None:
+            raise ValueError(
+                f"algorithm_config.tis_cap={config.tis_cap} needs the generator's sampling "
+                "log-probs (Generation.logprobs), but the generator returned none"
+            )
+        engine_logprobs, batch = batch.old_logprobs, batch._replace(old_logprobs=None)
     sampling_logprobs = batch.old_logprobs
     if sampling_logprobs is None and (not on_policy or requires_reference_model(config, registry)):
         sampling_logprobs = _no_grad_logprobs(
@@ -502,8 +655,9 @@ def training_iteration(
         kl = compute_per_token_kl(
             sampling_logprobs, ref_logprobs, config.kl_estimator, kl_fn=kl_fn
         ) * mask
-        kl_mean = float(kl.sum() / mask.sum().clamp(min=1))
-        kl_sequence_mean = float(kl.sum(dim=1).mean())
+        global_kl = gather_rows(kl)[0] if parallel else kl
+        kl_mean = float(global_kl.sum() / global_mask.sum().clamp(min=1))
+        kl_sequence_mean = float(global_kl.sum(dim=1).mean())
     values = None
     if algorithm.needs_value:
         if state.value_model is None:
@@ -516,26 +670,39 @@ def training_iteration(
     time_reference = time.perf_counter() - t1
 
     group_size = gen_config.num_samples
+    adv_values, adv_kl = values, kl
+    # --- data parallel: advantages of the global batch (batch-level statistics included) ---
+    if parallel:
+        adv_values = gather_rows(values)[0] if values is not None else None
+        adv_kl = global_kl if kl is not None else None
+    # --- end data parallel ---
     adv = compute_advantages_by_algorithm(
         config,
-        rewards,
+        global_rewards,
         registry=registry,
         advantage_fn=advantage_fn,
         group_size=group_size,
-        mask=mask,
-        values=values,
-        kl=kl,
+        mask=global_mask,
+        values=adv_values,
+        kl=adv_kl,
         kl_coef=kl_coef,
     )
     returns = None
     if isinstance(adv, tuple):
         adv, returns = adv
+    # --- data parallel: keep this rank's rows (and columns) ---
+    if parallel:
+        adv, returns = (
+            None if x is None else _local_rows(x, row_offset, mask.shape) for x in (adv, returns)
+        )
+    # --- end data parallel ---
     batch = batch._replace(
         advantages=adv,
         returns=returns,
         values=values,
         ref_logprobs=ref_logprobs,
         old_logprobs=None if on_policy else sampling_logprobs,
+        engine_logprobs=engine_logprobs,
     )
 
     t2 = time.perf_counter()
@@ -543,6 +710,10 @@ def training_iteration(
     for epoch in range(config.num_epochs):
         if num_minibatches == 1:
             minibatches = [batch]
+        elif parallel:  # data parallel: this rank's rows of the single-process minibatches
+            minibatches = _local_minibatches(
+                batch, global_rows, row_offset, config.minibatch_size, state.step * 1009 + epoch
+            )
         else:
             minibatches = split_minibatches(
                 batch, config.minibatch_size, shuffle_seed=state.step * 1009 + epoch
@@ -559,21 +730,26 @@ def training_iteration(
     if kl_controller is not None and math.isfinite(kl_sequence_mean):
         # Ziegler et al. control the KL of whole sequences (summed over tokens).
         state = state._replace(
-            kl_coef=float(
-                kl_controller(kl_coef, kl_sequence_mean, batch.completion_ids.shape[0])
-            )
+            kl_coef=float(kl_controller(kl_coef, kl_sequence_mean, global_rows))
         )
     if ref_model_update_fn is not None and state.ref_model is not None:
         state = state._replace(
             ref_model=update_reference_model(
-                state.ref_model, state.policy, ref_model_update_fn, state.step
+                state.ref_model, unwrap_model(state.policy), ref_model_update_fn, state.step
             )
         )
 
-    lengths = mask.sum(dim=1)
+    lengths = global_mask.sum(dim=1)
     extra = {**sampling_stats}
     if math.isfinite(kl_sequence_mean):
         extra["kl_sequence"] = kl_sequence_mean
+    step_extras = [s.extra for s in step_stats if s.extra]
+    for name in _TIS_MEAN_METRICS:
+        if any(name in e for e in step_extras):
+            extra[name] = _mean([e[name] for e in step_extras if name in e])
+    ratio_maxima = [e["tis_ratio_max"] for e in step_extras if "tis_ratio_max" in e]
+    if ratio_maxima:
+        extra["tis_ratio_max"] = max(ratio_maxima)
     stats = TrainingStats(
         step=state.step,
         loss=_mean([s.loss for s in step_stats]),
@@ -582,13 +758,13 @@ def training_iteration(
         kl=kl_mean,
         kl_coef=state.kl_coef,
         entropy=_mean([s.entropy for s in step_stats]),
-        reward_mean=float(rewards.mean()),
-        reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        reward_mean=float(global_rewards.mean()),
+        reward_std=float(global_rewards.std()) if global_rewards.numel() > 1 else 0.0,
         clip_fraction=_mean([s.clip_fraction for s in step_stats]),
         approx_kl=_mean([s.approx_kl for s in step_stats]),
         grad_norm=_mean([s.grad_norm for s in step_stats]),
-        num_tokens=int(mask.sum()),
-        num_sequences=int(mask.shape[0]),
+        num_tokens=int(global_mask.sum()),
+        num_sequences=int(global_mask.shape[0]),
         skipped_updates=sum(s.skipped_updates for s in step_stats),
         response_length=float(lengths.float().mean()),
         time_generate=time_generate,
@@ -632,6 +808,11 @@ def train(
     ``logger(stats)`` and ``checkpoint_fn(state)``. A tqdm bar shows reward, KL and step time.
     Resuming is ``train(load_checkpoint(path, state), ...)`` with the same arguments.
 
+    Under ``torchrun`` (see ``rlprim.distributed``) every rank runs this loop on the same
+    global prompts; ``training_iteration`` shards them. ``eval_fn`` and ``checkpoint_fn`` run
+    on every rank (``eval_fn`` gets the policy unwrapped from DDP; ``save_checkpoint`` writes
+    from rank 0 only); ``logger`` and the progress bar run on rank 0 only.
+
     Args:
       initial_state: from ``create_training_state`` or ``load_checkpoint``.
       prompt_loader: ``fn(position) -> list of prompt items`` (``create_prompt_loader``).
@@ -662,8 +843,10 @@ def train(
         raise ValueError(f"eval_every must be ≥ 1, got {eval_every}")
     state = initial_state
     start = state.iteration
+    main = is_main_process()  # data parallel: rank 0 alone logs and shows progress
     bar = tqdm(
-        total=max(0, num_iterations - start), disable=not progress, desc="rlprim", leave=True
+        total=max(0, num_iterations - start), disable=not (progress and main), desc="rlprim",
+        leave=True,
     )
     t_start = time.perf_counter()
     try:
@@ -697,9 +880,12 @@ def train(
             if eval_fn is not None and (
                 (iteration + 1) % eval_every == 0 or iteration + 1 == num_iterations
             ):
-                extra.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
+                # eval_fn sees the bare model (generate, config) when the policy is DDP-wrapped.
+                policy = unwrap_model(state.policy)
+                eval_state = state if policy is state.policy else state._replace(policy=policy)
+                extra.update({f"eval/{k}": float(v) for k, v in eval_fn(eval_state).items()})
             stats = stats._replace(step=iteration, extra=extra)
-            if logger is not None:
+            if logger is not None and main:
                 logger(stats)
             if checkpoint_fn is not None:
                 checkpoint_fn(state)

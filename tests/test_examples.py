@@ -1,7 +1,8 @@
 """The worked examples run: every ``examples/*.py`` script and ``examples/notebook.ipynb``.
 
 Scripts. Each example runs in quick mode (``--quick``; the scripts also read
-``RLPRIM_EXAMPLE_QUICK=1``) as a real subprocess of ``sys.executable``, offline
+``RLPRIM_EXAMPLE_QUICK=1``) as a real subprocess of ``sys.executable`` (``distributed_grpo``
+as two real processes under ``python -m torch.distributed.run``), offline
 (``HF_HUB_OFFLINE=1``), in a temporary working directory, with a timeout. It must exit with 0
 and its last line of output must be its summary ``[<name>] done: key=value ...``; the values are
 then checked against what the example is meant to show (e.g. that the algorithm switch appears
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -115,6 +117,23 @@ def _check_ppo_arithmetic(f: dict[str, str]) -> None:
     assert float(f["value_loss"]) >= 0.0 and float(f["kl"]) >= -1e-6
 
 
+def _check_distributed_grpo(f: dict[str, str]) -> None:
+    assert int(f["world_size"]) == 2 and int(f["iterations"]) == 3
+    assert f["prompts_per_rank"] == "4,4"  # 8 global prompts, whole groups per rank
+    assert f["weights_identical"] == "True"  # every rank ends with the same weights
+    assert int(f["num_sequences"]) == 64  # the global batch's statistics (8 prompts × 8)
+    assert f["checkpoint"] == "step_00000003"
+    assert 0.0 <= float(f["heldout_accuracy"]) <= 1.0
+
+
+def _check_remote_reward(f: dict[str, str]) -> None:
+    assert int(f["iterations"]) == 3 and f["server"] == "reward"
+    assert f["remote_equals_local"] == "True" and int(f["rollouts"]) == 32
+    assert 0.0 <= float(f["reward_first"]) <= 1.0 and 0.0 <= float(f["reward_last"]) <= 1.0
+    assert float(f["latency_ms"]) > 0.0
+    assert f["after_stop"] == "ConnectionError"
+
+
 EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "basic_grpo_loop": _check_basic_grpo_loop,
     "vector_rewards": _check_vector_rewards,
@@ -127,7 +146,29 @@ EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "quickstart": _check_quickstart,
     "grpo_arithmetic": _check_grpo_arithmetic,
     "ppo_arithmetic": _check_ppo_arithmetic,
+    "distributed_grpo": _check_distributed_grpo,
+    "remote_reward": _check_remote_reward,
 }
+# Launched with torchrun (real processes, gloo on CPU): name -> processes.
+TORCHRUN_EXAMPLES = {"distributed_grpo": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _example_command(name: str) -> list[str]:
+    script = str(EXAMPLES_DIR / f"{name}.py")
+    if name not in TORCHRUN_EXAMPLES:
+        return [sys.executable, script, "--quick"]
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(TORCHRUN_EXAMPLES[name]),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        script, "--quick",
+    ]
 
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
@@ -158,11 +199,10 @@ def test_every_example_script_is_tested():
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_example_runs_in_quick_mode(name, tmp_path):
-    script = EXAMPLES_DIR / f"{name}.py"
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     result = subprocess.run(
-        [sys.executable, str(script), "--quick"],
+        _example_command(name),
         cwd=workdir,
         env=_child_env(tmp_path),
         capture_output=True,

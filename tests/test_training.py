@@ -411,3 +411,68 @@ def test_pair_selector_reaches_the_dpo_loss(tokenizer):
     state, stats = rp.training_iteration(state, PROMPTS[:2], GEN, config, VARIED,
                                          pair_selector=first_vs_last)
     assert calls == [GEN.num_samples] and stats.skipped_updates == 0
+
+
+# ---------------------------------------------------------------- truncated importance sampling
+
+
+def offset_logprob_generator(delta):
+    """hf_generator whose reported ("engine") log-probs are the true ones minus ``delta``."""
+
+    def generate(model, tokenizer, prompts, config):
+        generations = rp.hf_generator(model, tokenizer, prompts, config)
+        return [g._replace(logprobs=tuple(x - delta for x in g.logprobs)) for g in generations]
+
+    return generate
+
+
+@pytest.mark.parametrize(("delta", "weight"), [(0.5, math.exp(0.5)), (1.0, 2.0)])
+def test_tis_weights_scale_the_policy_loss_and_gradient(tokenizer, delta, weight):
+    # Engine log-probs lower by δ everywhere: every token's weight is min(e^δ, C=2), so the
+    # on-policy GRPO loss and its gradient are exactly that multiple of the uncorrected ones.
+    results = {}
+    for cap in (None, 2.0):
+        state, config = make_state(tokenizer, "grpo", kl_coef=0.0, tis_cap=cap)
+        _, stats = rp.training_iteration(
+            state, PROMPTS[:2], GEN, config, VARIED, generator=offset_logprob_generator(delta)
+        )
+        results[cap] = stats
+    plain, tis = results[None], results[2.0]
+    # (group advantages sum to zero, so the loss value is ~0 at ratio 1; its gradient is not)
+    assert plain.grad_norm > 1e-3
+    assert tis.policy_loss == pytest.approx(weight * plain.policy_loss, abs=1e-6)
+    assert tis.grad_norm == pytest.approx(weight * plain.grad_norm, rel=1e-4)
+    assert plain.extra is None or not any(k.startswith("tis_") for k in plain.extra)
+    assert tis.extra["tis_weight_mean"] == pytest.approx(weight, rel=1e-4)
+    assert tis.extra["tis_clip_fraction"] == (1.0 if delta == 1.0 else 0.0)
+    assert tis.extra["tis_ratio_max"] == pytest.approx(math.exp(delta), rel=1e-4)
+    assert tis.extra["tis_logprob_abs_diff"] == pytest.approx(delta, abs=1e-4)
+    k3 = math.exp(delta) - 1 - delta  # r - 1 - log r at r = e^δ
+    assert tis.extra["tis_mismatch_kl"] == pytest.approx(k3, rel=1e-4)
+
+
+def test_tis_recomputes_old_logprobs_with_the_trainer(tokenizer):
+    # Multi-epoch: without TIS π_old is the generator's log-probs (no extra forward); with TIS
+    # the generator's are the engine's and π_old takes one no-grad trainer forward.
+    state, config = make_state(
+        tokenizer, "grpo", kl_coef=0.0, num_epochs=2, minibatch_size=4, tis_cap=2.0
+    )
+    calls = []
+    state, stats = rp.training_iteration(
+        state, PROMPTS[:2], GEN, config, VARIED, generator=offset_logprob_generator(0.25),
+        logprob_extractor=counting_extractor(calls),
+    )
+    assert len(calls) == 5 and state.step == 4
+    assert stats.extra["tis_logprob_abs_diff"] == pytest.approx(0.25, abs=1e-4)
+
+
+def test_tis_without_generator_logprobs_is_a_clear_error(tokenizer):
+    def no_logprobs(model, tokenizer, prompts, config):
+        generations = rp.hf_generator(model, tokenizer, prompts, config)
+        return [g._replace(logprobs=None) for g in generations]
+
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.0, tis_cap=2.0)
+    before = params_of(state.policy)
+    with pytest.raises(ValueError, match="tis_cap"):
+        rp.training_iteration(state, PROMPTS[:2], GEN, config, VARIED, generator=no_logprobs)
+    assert same_params(before, params_of(state.policy)) and state.step == 0

@@ -1,0 +1,591 @@
+"""Data-parallel training on ``torch.distributed``: launch, wrap, shard, reduce.
+
+Launch any rlprim training script with ``torchrun --nproc_per_node N script.py``; in the script
+call ``init_distributed()`` and ``wrap_training_state(state)`` once, then ``train`` /
+``training_iteration`` exactly as in one process. Without ``torchrun`` both calls are no-ops,
+so the same script runs on a laptop.
+
+What happens under ``N > 1`` ranks (``is_distributed()``):
+
+* **Prompts.** ``training_iteration`` receives the *global* list of ``P`` prompts; rank ``r``
+  keeps the contiguous share ``shard_prompts(prompts, r, N)`` (sizes differ by at most one, the
+  first ``P mod N`` ranks take one more). A prompt is a group: its ``G`` samples stay on one
+  rank, so group-relative advantages need no communication. Group ids stay global.
+* **Sampling.** Rank ``r`` samples with ``rank_seed(seed, r) = seed + 1_000_003·r``, so ranks
+  never draw the same random stream.
+* **Advantages and batch statistics.** The rewards, completion masks (and, when present, the
+  critic's values and the per-token KL) of all ranks are gathered in rank order — which is the
+  single-process batch order — and the advantage function runs on that global batch; each rank
+  keeps its rows. So batch-level statistics (GRPO ``scale="batch"``, REINFORCE++ whitening,
+  PPO's advantage whitening, a custom ``advantage_fn``) are those of the global batch. Reward
+  mean/std, KL, response length, token and sequence counts in ``TrainingStats`` are global and
+  identical on every rank; the adaptive KL controller sees the global KL, so β is too.
+* **Loss normalisation.** Each micro-batch loss is weighted by its share of the *global*
+  normaliser (``microbatch_loss_weights(..., global_totals=...)``): with ``token-mean`` the
+  gradient is that of ``Σ_{all ranks' tokens} l_t / N_global`` — not a mean of rank means.
+* **Gradients.** Every backward pass runs locally (inside ``no_sync``); then one bucketed
+  ``all_reduce(SUM)`` per optimizer step (``synchronize_gradients``) gives every rank the
+  gradient of the global loss. This is what DDP's reducer computes, but done once per step after
+  all micro-batches, so ranks may hold different numbers of micro-batches (even none), and a
+  non-finite loss on one rank makes *every* rank skip the update, without any rank waiting on a
+  collective the others never reach. The DDP wrapper (``wrap_training_state``) broadcasts rank
+  0's weights at wrap time and is what users' own code sees; rlprim's functions unwrap it
+  (``unwrap_model``) to reach the Hugging Face model for log-probs, values and ``generate``.
+* **Checkpoints.** ``save_checkpoint`` gathers every rank's RNG state, rank 0 writes, all ranks
+  wait for it; ``load_checkpoint`` is called on every rank (a shared filesystem is assumed).
+* **Failure.** A rank that raises exits non-zero and ``torchrun`` stops the others; a rank
+  blocked in a collective on a dead or stuck peer gets an error after ``timeout``
+  (``DEFAULT_TIMEOUT`` = 10 minutes, as for NCCL; gloo notices a peer's closed socket at once).
+
+References: PyTorch ``DistributedDataParallel`` (Li et al. 2020, "PyTorch Distributed:
+Experiences on Accelerating Data Parallel Training"); FSDP2 ``fully_shard``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlprim.types import TrainingState
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "RANK_SEED_STRIDE",
+    "DistributedInfo",
+    "init_distributed",
+    "destroy_distributed",
+    "distributed_context",
+    "get_distributed_info",
+    "is_distributed",
+    "is_main_process",
+    "barrier",
+    "shard_bounds",
+    "shard_prompts",
+    "rank_seed",
+    "wrap_training_state",
+    "unwrap_model",
+    "no_sync",
+    "broadcast_module",
+    "all_reduce_scalars",
+    "all_gather_objects",
+    "gather_rows",
+    "synchronize_gradients",
+]
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+RANK_SEED_STRIDE = 1_000_003  # a prime: seeds of rank r and iteration i collide only after 10^6 its
+_GRADIENT_BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket size
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+class DistributedInfo(NamedTuple):
+    """Where this process stands in the job.
+
+    Fields:
+      rank: global rank in ``[0, world_size)``.
+      world_size: number of processes (1 when not distributed).
+      local_rank: rank on this machine (the GPU index with NCCL).
+      backend: ``"gloo"``, ``"nccl"``, … or ``None`` when no process group exists.
+      device: the device this rank computes on (``cuda:<local_rank>`` with NCCL, else CPU).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+
+
+def _single_process_info() -> DistributedInfo:
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return DistributedInfo(device=device)
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError as error:
+        raise ValueError(f"environment variable {name} must be an int, got {value!r}") from error
+
+
+def _check_timeout(timeout: Any) -> datetime.timedelta:
+    if isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a timedelta or seconds, got {timeout!r}")
+    if isinstance(timeout, (int, float)):
+        timeout = datetime.timedelta(seconds=timeout)
+    if not isinstance(timeout, datetime.timedelta):
+        raise TypeError(f"timeout must be a timedelta or seconds, got {type(timeout).__name__}")
+    if timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    return timeout
+
+
+def get_distributed_info() -> DistributedInfo:
+    """The current ``DistributedInfo``; ``(0, 1, 0, None, cuda:0 or cpu)`` without a group.
+
+    ``local_rank`` comes from ``LOCAL_RANK`` (set by ``torchrun``), defaulting to the rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return _single_process_info()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    backend = str(dist.get_backend())
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+    return DistributedInfo(rank, world_size, local_rank, backend, device)
+
+
+def init_distributed(
+    backend: str | None = None, timeout: datetime.timedelta | float = DEFAULT_TIMEOUT
+) -> DistributedInfo:
+    """Joins the process group ``torchrun`` set up in the environment; a no-op without one.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    Backend: ``"nccl"`` when CUDA is available (and ``torch.cuda.set_device(local_rank)``),
+    else ``"gloo"``. Idempotent: when a process group exists it is described and left alone.
+    Without ``RANK`` / ``WORLD_SIZE`` in the environment (a plain ``python script.py``)
+    nothing is initialised and ``DistributedInfo(rank=0, world_size=1, backend=None)`` (device
+    ``cuda:0`` when CUDA is available, else CPU) is returned, so a
+    script runs the same with and without ``torchrun``.
+
+    Every collective of the group gives up after ``timeout`` (default ``DEFAULT_TIMEOUT``,
+    10 minutes): a rank waiting for a peer that hangs gets an error instead of hanging forever.
+    Raise it when ranks legitimately wait long for each other (very uneven generation).
+
+    Args:
+      backend: ``None`` (automatic), ``"gloo"`` or ``"nccl"`` (any backend torch knows).
+      timeout: a ``timedelta`` or seconds.
+    Returns:
+      this process's ``DistributedInfo``.
+    """
+    timeout = _check_timeout(timeout)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if not dist.is_available():
+        return _single_process_info()
+    if dist.is_initialized():
+        return get_distributed_info()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return _single_process_info()
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("backend='nccl' needs CUDA, which is not available; use 'gloo'")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return get_distributed_info()
+
+
+def destroy_distributed() -> None:
+    """Leaves and destroys the process group (``destroy_process_group``); a no-op without one.
+
+    Call it once at the end of a ``torchrun`` job (``distributed_context`` does it for you);
+    afterwards ``get_distributed_info()`` reports a single process again.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_context(
+    backend: str | None = None, timeout: datetime.timedelta | float = DEFAULT_TIMEOUT
+) -> Iterator[DistributedInfo]:
+    """``with distributed_context() as info:`` — ``init_distributed`` then, on exit (also on an
+    exception), ``destroy_distributed`` if this context created the group.
+
+    Without ``torchrun`` it yields the single-process ``DistributedInfo`` and does nothing else,
+    so the same script runs as one process or as N ranks."""
+    created = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(backend, timeout)
+    try:
+        yield info
+    finally:
+        if created:
+            destroy_distributed()
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank exists (rlprim then shards and reduces).
+
+    With one rank (``torchrun --nproc_per_node 1``) everything runs the single-process path.
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and when not distributed): the rank that logs and writes files.
+
+    ``train`` logs and shows its progress bar on this rank only; ``save_checkpoint`` writes
+    from it while the other ranks send their RNG states and wait.
+    """
+    return get_distributed_info().rank == 0
+
+
+def barrier() -> None:
+    """Waits until every rank got here (``dist.barrier``); a no-op when not distributed.
+
+    Use it before a rank reads or deletes what another rank writes (e.g. a scratch directory).
+    It gives up after the group's timeout (``init_distributed(timeout=...)``).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return get_distributed_info().device
+
+
+# --------------------------------------------------------------------------- sharding and seeds
+
+
+def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
+    return rank, world_size
+
+
+def shard_bounds(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous share of ``num_items`` items.
+
+    ``q, m = divmod(n, N)``; rank ``r`` gets ``q + 1`` items when ``r < m``, else ``q``, and
+    ``start = r·q + min(r, m)``. The shares tile ``[0, n)`` in rank order, so concatenating the
+    ranks' results in rank order gives the single-process order.
+
+    Raises:
+      ValueError: when ``num_items < world_size`` (a rank would have nothing to train on).
+    """
+    rank, world_size = _check_rank(rank, world_size)
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 0:
+        raise ValueError(f"num_items must be an int >= 0, got {num_items!r}")
+    if num_items < world_size:
+        raise ValueError(
+            f"cannot shard {num_items} prompts over {world_size} ranks: every rank needs at least "
+            "one prompt (pass at least world_size prompts per iteration)"
+        )
+    quotient, remainder = divmod(num_items, world_size)
+    start = rank * quotient + min(rank, remainder)
+    return start, start + quotient + (1 if rank < remainder else 0)
+
+
+def shard_prompts(prompts: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Rank ``rank``'s contiguous share of the global prompt list (see ``shard_bounds``).
+
+    Each prompt is one group (its ``G`` samples are drawn on the rank that holds it), so groups
+    are never split. Uneven counts: the first ``len(prompts) mod world_size`` ranks take one
+    prompt more; the global loss normalisation accounts for the difference. Fewer prompts than
+    ranks is a ``ValueError``.
+
+    Args:
+      prompts: the global prompt items of one iteration.
+      rank, world_size: this rank and the number of ranks.
+    Returns:
+      ``list(prompts[start:stop])``.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a sequence of prompt items, got {type(prompts).__name__}")
+    start, stop = shard_bounds(len(prompts), rank, world_size)
+    return list(prompts[start:stop])
+
+
+def rank_seed(seed: int | None, rank: int) -> int | None:
+    """The sampling seed of rank ``rank``: ``seed + RANK_SEED_STRIDE · rank`` (``None`` stays).
+
+    Rank 0 keeps ``seed``. ``train`` already adds the iteration to the seed, and the stride
+    (1,000,003) keeps ranks' seeds apart for a million iterations.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+    return seed + RANK_SEED_STRIDE * rank
+
+
+# --------------------------------------------------------------------------- models
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module inside ``DistributedDataParallel`` wrappers (nested ones too); else ``model``.
+
+    rlprim's functions call it before reaching the Hugging Face model's own attributes
+    (``config``, ``base_model``, ``generate``, ``state_dict`` keys without ``module.``).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def no_sync(*models: Any) -> Iterator[None]:
+    """Enter ``model.no_sync()`` of every DDP-wrapped ``model`` (others are skipped).
+
+    Inside, a backward pass through a DDP forward accumulates gradients locally instead of
+    all-reducing them; ``synchronize_gradients`` then reduces once per step.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, DistributedDataParallel):
+                stack.enter_context(model.no_sync())
+        yield
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> nn.Module:
+    """Copies rank ``src``'s parameters and buffers into every rank's ``module``, in place.
+
+    Returns ``module``; a no-op when not distributed.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not is_distributed():
+        return module
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+    return module
+
+
+def _ddp(module: nn.Module, info: DistributedInfo, find_unused_parameters: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return module
+    if not any(p.requires_grad for p in module.parameters()):
+        return broadcast_module(module)  # DDP refuses a module with nothing to train
+    devices = {p.device for p in module.parameters()}
+    if len(devices) != 1:
+        raise ValueError(
+            f"a wrapped module must live on one device, got {sorted(map(str, devices))}"
+        )
+    device = next(iter(devices))
+    if device.type != info.device.type or (
+        device.type == "cuda" and device.index not in (None, info.device.index)
+    ):
+        raise ValueError(
+            f"the module is on {device} but rank {info.rank} computes on {info.device}; move it "
+            f"there first (model.to(info.device))"
+        )
+    device_ids = [info.device.index] if device.type == "cuda" else None
+    # No buffer sync in every forward (rlprim unwraps and never calls the wrapper's forward);
+    # rank 0's parameters and buffers are copied to every rank once, here.
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    wrapped = DistributedDataParallel(
+        module,
+        device_ids=device_ids,
+        find_unused_parameters=find_unused_parameters,
+        **buffer_sync,
+    )
+    if not newer:  # broadcast_buffers=False also skips the buffers' sync at construction
+        with torch.no_grad():
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)
+    return wrapped
+
+
+def wrap_training_state(
+    state: TrainingState, strategy: str = "ddp", find_unused_parameters: bool = False
+) -> TrainingState:
+    """The state with its policy (and critic) wrapped for data-parallel training.
+
+    ``strategy="ddp"``: the policy and the value model become
+    ``torch.nn.parallel.DistributedDataParallel`` wrappers; their constructor broadcasts rank 0's
+    parameters and buffers, so every rank starts from the same weights. The reference model is
+    broadcast from rank 0 too. The modules' parameter tensors are not replaced, so
+    ``state.optimizer`` still updates them. rlprim's functions unwrap the wrappers where they
+    need the inner model (``get_logprobs``, ``get_values``, generation, checkpoints, reference
+    updates) and synchronise gradients themselves, once per step (see the module docstring).
+
+    ``strategy="fsdp"`` (FSDP2 ``fully_shard``) raises ``NotImplementedError``: its per-forward
+    all-gathers need every rank to run the same number of forwards, which neither generation
+    (ranks stop at different lengths) nor uneven micro-batches guarantee; use DDP.
+
+    Without a process group (not launched with ``torchrun``) the state is returned unchanged.
+    Idempotent: wrapped modules are not wrapped again.
+
+    Args:
+      state: a ``TrainingState`` whose models live on this rank's device
+        (``get_distributed_info().device``).
+      strategy: ``"ddp"`` (or ``"fsdp"``, see above).
+      find_unused_parameters: passed to DDP (only matters for users' own DDP forwards).
+    Returns:
+      ``state._replace(policy=DDP(policy), value_model=DDP(value_model))``.
+    """
+    if not isinstance(state, TrainingState):
+        raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    if not isinstance(state.policy, nn.Module):
+        raise TypeError(
+            f"state.policy must be a torch.nn.Module, got {type(state.policy).__name__}"
+        )
+    if strategy == "fsdp":
+        raise NotImplementedError(
+            "strategy='fsdp' (FSDP2 fully_shard) is not supported by rlprim's training loop: "
+            "FSDP2 all-gathers weights in every forward, so all ranks must run the same number "
+            "of forwards, which sampling (ranks finish at different lengths) and uneven "
+            "micro-batches do not; use strategy='ddp'"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        return state
+    info = get_distributed_info()
+    policy = _ddp(state.policy, info, find_unused_parameters)
+    value_model = state.value_model
+    if isinstance(value_model, nn.Module):
+        value_model = _ddp(value_model, info, find_unused_parameters)
+    if isinstance(state.ref_model, nn.Module) and state.ref_model is not unwrap_model(
+        state.policy
+    ):
+        broadcast_module(state.ref_model)
+    return state._replace(policy=policy, value_model=value_model)
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def all_reduce_scalars(values: Sequence[float], op: str = "sum") -> list[float]:
+    """Element-wise ``op`` (``"sum"``, ``"max"``, ``"min"``) of ``values`` over all ranks.
+
+    One collective on a float64 tensor; every rank must pass the same number of values.
+    Returns ``[float(v) for v in values]`` when not distributed.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+    values = [float(v) for v in values]
+    if not is_distributed() or not values:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+    return tensor.cpu().tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``dist.all_gather_object``).
+
+    Returns ``[obj]`` when not distributed. Objects are pickled and sent whole, so use it for
+    small metadata (RNG states, file names, counts), never for tensors (``gather_rows``).
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``[B_r]`` or ``[B_r, T_r]`` tensor, concatenated along rows in rank order.
+
+    ``T_r`` may differ between ranks: rows are right-padded with ``pad_value`` to ``max_r T_r``
+    (as ``rollouts_to_batch`` pads a batch to its longest completion). ``B_r`` may be 0. Two
+    collectives (the shapes, then the padded data).
+
+    Args:
+      tensor: a 1-D or 2-D tensor (same dtype and rank on every rank).
+      pad_value: the column padding.
+    Returns:
+      ``(global [Σ B_r] or [Σ B_r, max T_r], [B_0, B_1, …])``; ``(tensor, [B])`` when not
+      distributed.
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2):
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"tensor must be a 1-D or 2-D torch.Tensor, got {shape}")
+    if not is_distributed():
+        return tensor, [int(tensor.shape[0])]
+    device = _collective_device()
+    world = dist.get_world_size()
+    width = int(tensor.shape[1]) if tensor.dim() == 2 else 0
+    shape = torch.tensor([tensor.shape[0], width], dtype=torch.long, device=device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    max_rows, max_width = max(rows), max(int(s[1]) for s in shapes)
+    size = (max_rows, max_width) if tensor.dim() == 2 else (max_rows,)
+    padded = torch.full(size, pad_value, dtype=tensor.dtype, device=device)
+    if tensor.dim() == 2:
+        padded[: tensor.shape[0], :width] = tensor.to(device)
+    else:
+        padded[: tensor.shape[0]] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    gathered = torch.cat([part[:count] for part, count in zip(parts, rows, strict=True)])
+    return gathered.to(tensor.device), rows
+
+
+def synchronize_gradients(
+    parameters: Sequence[torch.Tensor], bucket_bytes: int = _GRADIENT_BUCKET_BYTES
+) -> int:
+    """Sums every parameter's ``.grad`` over all ranks, in place; returns the bytes all-reduced.
+
+    ``g ← Σ_r g_r``: with micro-batch losses weighted by their share of the global normaliser
+    (``microbatch_loss_weights(..., global_totals=...)``) this is the gradient of the global
+    batch's loss. A parameter without a gradient on some rank counts as zero there; one without
+    a gradient on every rank keeps ``grad=None`` (so the optimizer skips it, as in one process).
+    Gradients are flattened into buckets of at most ``bucket_bytes`` (25 MiB, DDP's default)
+    per dtype and device, one ``all_reduce`` each, after a first ``all_reduce`` of the
+    "has a gradient" flags. Every rank must call it with the same parameter list.
+
+    Args:
+      parameters: the trainable parameters, in the same order on every rank.
+      bucket_bytes: the largest bucket.
+    Returns:
+      the bytes passed to ``all_reduce`` (flags included); 0 when not distributed.
+    """
+    params = list(parameters)
+    if not is_distributed() or not params:
+        return 0
+    device = _collective_device()
+    flags = torch.tensor(
+        [0.0 if p.grad is None else 1.0 for p in params], dtype=torch.float32, device=device
+    )
+    dist.all_reduce(flags)
+    reduced = flags.numel() * flags.element_size()
+    grads = []
+    for param, flag in zip(params, flags.tolist(), strict=True):
+        if flag == 0:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    buckets: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
+    for grad in grads:
+        lists = buckets.setdefault((grad.dtype, grad.device), [[]])
+        current = lists[-1]
+        size = sum(g.numel() for g in current) * grad.element_size()
+        if current and size + grad.numel() * grad.element_size() > bucket_bytes:
+            lists.append([])
+        lists[-1].append(grad)
+    for lists in buckets.values():
+        for bucket in lists:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            reduced += flat.numel() * flat.element_size()
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+    return reduced
