@@ -547,7 +547,8 @@ def test_grpo_with_the_vllm_generator_raises_reward_and_accuracy(arith):
     train_problems, held_out = arithmetic_split(2000, 200, seed=0)
     before = evaluate_arithmetic(policy, tokenizer, held_out)
     torch.manual_seed(0)
-    config = rp.create_algorithm_config("grpo", {"kl_coef": 0.0})
+    # TIS on: the engine's log-probs are the behaviour policy's, the trainer's are π_old.
+    config = rp.create_algorithm_config("grpo", {"kl_coef": 0.0, "tis_cap": 2.0})
     state = rp.create_training_state(policy, tokenizer, config, learning_rate=3e-4)
     loader = rp.create_prompt_loader(train_problems, batch_size=32, seed=0)
     gen = rp.GenerationConfig(max_new_tokens=16, num_samples=8, seed=0)
@@ -564,6 +565,11 @@ def test_grpo_with_the_vllm_generator_raises_reward_and_accuracy(arith):
     print(f"vLLM GRPO: held-out accuracy {before:.3f} -> {after:.3f}; rewards {rewards}")
     assert after >= before + 0.2, (before, after, rewards)
     assert sum(rewards[-2:]) / 2 >= rewards[0] + 0.1, rewards
+    # float32 engine and trainer agree to ~1e-6 per token, so every TIS weight is ~1.
+    for stats in log:
+        assert stats.extra["tis_logprob_abs_diff"] < 1e-4
+        assert stats.extra["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert stats.extra["tis_clip_fraction"] == 0.0
 
 
 # ------------------------------------------------------------------ multiprocess engine
