@@ -14,12 +14,11 @@ recomputes, not the top-k / top-p renormalised one — and ``finish_reason``.
 
 ``hf_generator`` (the default) runs Hugging Face ``model.generate``. Any function with the same
 signature can replace it (``generator=`` in every function here, in rollouts and in training).
-A high-throughput backend such as vLLM fits unchanged: it receives its engine as ``model``
-(e.g. a ``vllm.LLM``), samples with ``SamplingParams(n=num_samples, temperature, top_p, top_k,
-stop, max_tokens, seed, logprobs=0)`` and converts each output to a ``Generation``. Because the
-engine holds its own copy of the weights, the training loop refreshes it after each optimizer
-update with a ``sync_weights(engine, policy)`` step (passed to training alongside the
-generator); ``hf_generator`` samples from the policy module itself and needs no such step.
+A high-throughput backend fits unchanged: ``rlprim.vllm_engine.vllm_generator`` receives a
+``vllm.LLM`` as ``model`` and keeps this contract, and ``create_vllm_generator(engine)`` is the
+generator the training loop takes — it receives the policy module as ``model`` and pushes its
+weights into the engine (``sync_weights``) before sampling, because the engine holds its own
+copy of the weights. ``hf_generator`` samples from the policy module itself and needs no sync.
 
 Hugging Face's ``generate`` mutates nothing global here: seeded sampling runs inside
 ``torch.random.fork_rng`` so the caller's RNG streams are left exactly as they were.
