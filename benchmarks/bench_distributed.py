@@ -3,10 +3,11 @@ the ranks exchange per optimizer step.
 
 Workload: GRPO (β = 0.04, so a reference forward too) on the tiny Qwen2 of ``rlprim.testing``
 (2 layers, hidden 128), a global batch of 8 prompts × 4 samples of up to 16 tokens sampled with
-``hf_generator``, micro-batches of 8 rows. The same global batch is trained in three set-ups,
+``hf_generator``, micro-batches of 8 rows. The same global batch is trained in four set-ups,
 each launched with ``torchrun`` (gloo on 127.0.0.1), alternating ``--repeats`` times:
 
-  1 rank × 1 thread, 1 rank × 2 threads (the same two cores as below), 2 ranks × 1 thread.
+  1 rank × 1 thread, 1 rank × 2 threads (the same two cores as below), 2 ranks × 1 thread
+  (DDP), 2 ranks × 1 thread with the policy sharded by FSDP2 (``strategy="fsdp"``).
 
 On this two-core machine (shared with other work) two ranks show the cost of data parallelism
 — the collectives and their waits — next to the use of the second core; on real multi-GPU
@@ -17,7 +18,9 @@ Bytes: every ``torch.distributed`` collective is wrapped to count the bytes it i
 rank (``all_reduce``: the tensor; ``all_gather``: the local input; ``all_gather_object``: the
 pickle), split into the gradient all-reduce (``synchronize_gradients``: one flat buffer per
 step, 4 bytes per trainable parameter plus a 4-byte flag each) and the rest (loss normalisers,
-statistics, the rewards / masks / KL gathered for the advantages).
+statistics, the rewards / masks / KL gathered for the advantages). FSDP2's own traffic
+(``all_gather_single`` of weight shards, ``reduce_scatter_single`` of gradients) is
+counted apart as ``fsdp_bytes_per_iteration``.
 
 Prints JSON. usage: python benchmarks/bench_distributed.py [--iterations 4] [--repeats 2]
 (the script launches its own workers; ``--worker`` is internal)
@@ -38,11 +41,16 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SETUPS = (("1 rank x 1 thread", 1, 1), ("1 rank x 2 threads", 1, 2), ("2 ranks x 1 thread", 2, 1))
+SETUPS = (
+    ("1 rank x 1 thread", 1, 1, "ddp"),
+    ("1 rank x 2 threads", 1, 2, "ddp"),
+    ("2 ranks x 1 thread", 2, 1, "ddp"),
+    ("2 ranks x 1 thread, FSDP2", 2, 1, "fsdp"),
+)
 PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
 
 
-def _worker(out_path: str, iterations: int, threads: int) -> None:
+def _worker(out_path: str, iterations: int, threads: int, strategy: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -52,7 +60,8 @@ def _worker(out_path: str, iterations: int, threads: int) -> None:
     from rlprim.testing import tiny_model, tiny_tokenizer
 
     torch.set_num_threads(threads)
-    counts = {"gradient_bytes": 0, "other_bytes": 0, "steps": 0, "collectives": 0}
+    counts = {"gradient_bytes": 0, "other_bytes": 0, "steps": 0, "collectives": 0,
+              "fsdp_bytes": 0}
 
     def counted(function, size):
         def wrapper(*args, **kwargs):
@@ -69,6 +78,18 @@ def _worker(out_path: str, iterations: int, threads: int) -> None:
     dist.all_gather_object = counted(
         dist.all_gather_object, lambda out, obj, *r: len(pickle.dumps(obj))
     )
+
+    def counted_fsdp(function):
+        def wrapper(*args, **kwargs):
+            source = args[1] if len(args) > 1 else kwargs["input"]  # (output, input, ...)
+            counts["fsdp_bytes"] += tensor_bytes(source)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    # FSDP2's weight all-gathers (local shard in) and gradient reduce-scatters (full grads in).
+    dist.all_gather_single = counted_fsdp(dist.all_gather_single)
+    dist.reduce_scatter_single = counted_fsdp(dist.reduce_scatter_single)
     synchronize = rlprim.training.synchronize_gradients
 
     def counted_synchronize(params, *args, **kwargs):
@@ -91,7 +112,7 @@ def _worker(out_path: str, iterations: int, threads: int) -> None:
     policy = tiny_model("qwen2", seed=0)
     config = rp.create_algorithm_config("grpo", kl_coef=0.04, micro_batch_size=8)
     state = rp.create_training_state(policy, tiny_tokenizer(), config, learning_rate=1e-4)
-    state = wrap_training_state(state)
+    state = wrap_training_state(state, strategy=strategy)
     gen = rp.GenerationConfig(max_new_tokens=16, num_samples=4, seed=0)
     loader = rp.create_prompt_loader(PROMPTS, batch_size=8, seed=0)
     reward = lambda r: float(sum(r.generation.token_ids) % 5)  # noqa: E731
@@ -126,12 +147,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(ranks: int, threads: int, iterations: int, out_path: str) -> dict:
+def _launch(ranks: int, threads: int, strategy: str, iterations: int, out_path: str) -> dict:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         os.path.abspath(__file__), "--worker", out_path, "--iterations", str(iterations),
-        "--threads", str(threads),
+        "--threads", str(threads), "--strategy", strategy,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -146,18 +167,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--worker", default=None)
     args = parser.parse_args()
     if args.worker is not None:
-        _worker(args.worker, args.iterations, args.threads)
+        _worker(args.worker, args.iterations, args.threads, args.strategy)
         return
 
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in SETUPS}
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in SETUPS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # alternate the set-ups: the machine's load drifts
-            for name, ranks, threads in SETUPS:
-                path = os.path.join(tmp, f"{ranks}_{threads}_{repeat}.json")
-                runs[name].append(_launch(ranks, threads, args.iterations, path))
+            for name, ranks, threads, strategy in SETUPS:
+                path = os.path.join(tmp, f"{ranks}_{threads}_{strategy}_{repeat}.json")
+                runs[name].append(_launch(ranks, threads, strategy, args.iterations, path))
     summary: dict = {"iterations_timed_per_launch": args.iterations, "repeats": args.repeats}
     for name, results in runs.items():
         times = [t for r in results for t in r["times"]]
@@ -173,11 +195,12 @@ def main() -> None:
             ),
             "other_bytes_per_iteration": statistics.median(r["other_bytes"] for r in records),
             "collectives_per_iteration": statistics.median(r["collectives"] for r in records),
+            "fsdp_bytes_per_iteration": statistics.median(r["fsdp_bytes"] for r in records),
             "global_sequences": records[0]["num_sequences"],
         }
         summary["trainable_parameters"] = results[0]["trainable_parameters"]
     base = summary["1 rank x 1 thread"]["median_iteration_s"]
-    for name, _, _ in SETUPS:
+    for name, *_ in SETUPS:
         summary[name]["time_vs_1_rank_1_thread"] = round(
             summary[name]["median_iteration_s"] / base, 3
         )

@@ -10,6 +10,7 @@ with the same weights; rank 0 logs.
 Run it:
     torchrun --nproc_per_node 2 examples/distributed_grpo.py            # 40 iterations
     torchrun --nproc_per_node 2 examples/distributed_grpo.py --quick    # 3 iterations (tests)
+    torchrun --nproc_per_node 2 examples/distributed_grpo.py --strategy fsdp   # FSDP2 shards
     python examples/distributed_grpo.py --quick                         # the same, one process
 """
 
@@ -30,9 +31,9 @@ from rlprim.distributed import (  # noqa: E402
     all_gather_objects,
     barrier,
     distributed_context,
+    full_state_dict,
     is_main_process,
     shard_prompts,
-    unwrap_model,
     wrap_training_state,
 )
 from rlprim.tasks.arithmetic import (  # noqa: E402
@@ -43,11 +44,13 @@ from rlprim.tasks.arithmetic import (  # noqa: E402
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """A short SHA-256 of every parameter's bytes: equal digests mean bit-identical weights."""
+    """A short SHA-256 of every weight's bytes: equal digests mean bit-identical weights.
+
+    ``full_state_dict`` gathers FSDP2 shards (a collective: every rank calls it)."""
     digest = hashlib.sha256()
-    for name, param in sorted(unwrap_model(model).named_parameters()):
+    for name, tensor in sorted(full_state_dict(model).items()):
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
@@ -55,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
                         default=os.environ.get("RLPRIM_EXAMPLE_QUICK") == "1")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                        help="DDP replicas, or FSDP2 shards of weights and optimizer state")
     args = parser.parse_args()
     iterations = 3 if args.quick else 40
     prompts_per_iteration = 8 if args.quick else 32  # the global batch, over all ranks
@@ -73,7 +78,8 @@ def main() -> None:
         train_problems, held_out = arithmetic_split(2000, 200, seed=0)
         config = rp.create_algorithm_config("grpo", {"kl_coef": 0.0, "max_grad_norm": 1.0})
         state = rp.create_training_state(policy, tokenizer, config, learning_rate=3e-4)
-        state = wrap_training_state(state)  # the one distributed line of the training setup
+        # The one distributed line of the training setup:
+        state = wrap_training_state(state, strategy=args.strategy)
 
         loader = rp.create_prompt_loader(train_problems, batch_size=prompts_per_iteration,
                                          seed=0)
@@ -101,6 +107,7 @@ def main() -> None:
             checkpoint = rp.latest_checkpoint(os.path.join(workdir, "ckpt"))
             print(
                 f"[distributed_grpo] done: world_size={info.world_size} "
+                f"strategy={args.strategy} "
                 f"iterations={state.iteration} "
                 f"prompts_per_rank={','.join(map(str, shares))} "
                 f"weights_identical={len(set(digests)) == 1} "

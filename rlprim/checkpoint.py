@@ -57,7 +57,10 @@ rank; DDP wrappers are unwrapped (weights keyed as in the bare model), every ran
 are gathered, rank 0 writes (rank ``r >= 1``'s RNG states go to ``rng_rank_<r>.json``) and all
 ranks wait until it has. ``load_checkpoint`` is called on every rank with the same path (a
 filesystem all ranks see); each restores its own RNG states (rank 0's when the checkpoint has
-none for it, e.g. written by fewer ranks).
+none for it, e.g. written by fewer ranks). An FSDP2-sharded policy (``strategy="fsdp"``) is
+saved as full tensors — its weights and optimizer moments gathered on every rank, written by
+rank 0 — in exactly the single-process format (the model's own class, not FSDP's subclass), and
+loaded back into shards: a checkpoint moves freely between one process, DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -83,8 +86,12 @@ from torch import nn
 from rlprim.distributed import (
     all_gather_objects,
     all_reduce_scalars,
+    copy_into,
+    full_state_dict,
     get_distributed_info,
     is_distributed,
+    is_fsdp_module,
+    model_class,
     unwrap_model,
 )
 from rlprim.types import TrainingState
@@ -434,12 +441,78 @@ def _describe_keys(keys: set[str]) -> str:
     return f"[{shown}{', ...' if len(ordered) > _SHOW_KEYS else ''}] ({len(ordered)})"
 
 
+def _kept_state(module: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without the aliases of tied weights (first name kept). FSDP2's
+    ``DTensor`` shards have no plain storage: tied names are found by parameter identity."""
+    if not is_fsdp_module(module):
+        return _dedupe_state_dict(module.state_dict(), where)[0]
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    seen: set[int] = set()
+    kept = {}
+    for name, tensor in module.state_dict().items():
+        key = id(parameters.get(name, tensor))
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor
+    return kept
+
+
+def _optimizer_parameters(optimizer: Any) -> list[Any]:
+    """The parameters in ``state_dict`` id order (ids count through the groups)."""
+    return [p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]]
+
+
+def _full_optimizer_state(optimizer: Any) -> Any:
+    """FSDP2: ``optimizer.state_dict()`` with every ``DTensor`` moment gathered in full (a
+    collective: every rank calls it) — the file a single process would write. ``None`` when
+    no parameter is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if optimizer is None or not any(
+        isinstance(p, DTensor) for p in _optimizer_parameters(optimizer)
+    ):
+        return None
+    saved = optimizer.state_dict()
+    states = {
+        pid: {
+            key: value.full_tensor() if isinstance(value, DTensor) else value
+            for key, value in sorted(saved["state"][pid].items())
+        }
+        for pid in sorted(saved["state"])
+    }
+    return {**saved, "state": states}
+
+
+def _sharded_optimizer_state(optimizer: Any, saved: Any) -> Any:
+    """The inverse of ``_full_optimizer_state`` for loading: each full moment of a sharded
+    parameter becomes this rank's ``DTensor`` shard (no communication); else ``saved``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    parameters = _optimizer_parameters(optimizer)
+    if not any(isinstance(p, DTensor) for p in parameters):
+        return saved
+    states = {}
+    for pid, state in saved["state"].items():
+        param = parameters[pid]
+        states[pid] = {
+            key: distribute_tensor(
+                value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+            )
+            if isinstance(param, DTensor)
+            and isinstance(value, torch.Tensor)
+            and tuple(value.shape) == tuple(param.shape)
+            else value
+            for key, value in state.items()
+        }
+    return {**saved, "state": states}
+
+
 def _match_weights(
     module: nn.Module, loaded: Mapping[str, torch.Tensor], component: str, file: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Checks ``loaded`` against ``module.state_dict()`` (exact keys after aliasing, shapes,
     dtypes) and returns the ``(target, source)`` pairs to copy. Modifies nothing."""
-    kept, _ = _dedupe_state_dict(module.state_dict(), component)
+    kept = _kept_state(module, component)
     missing = set(kept) - set(loaded)
     unexpected = set(loaded) - set(kept)
     if missing or unexpected:
@@ -565,22 +638,29 @@ def _component_info(module: nn.Module) -> dict[str, Any]:
     is_transformers = config is not None and callable(getattr(config, "save_pretrained", None))
     return {
         "kind": "transformers" if is_transformers else "module",
-        "class": type(module).__name__,
-        "module": type(module).__module__,
+        "class": model_class(module).__name__,  # FSDP2's generated subclass is not saved
+        "module": model_class(module).__module__,
         "training": bool(module.training),
         "requires_grad": any(parameter.requires_grad for parameter in module.parameters()),
     }
 
 
-def _save_model_dir(module: nn.Module, directory: str, info: Mapping[str, Any]) -> None:
+def _save_model_dir(
+    module: nn.Module,
+    directory: str,
+    info: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     os.makedirs(directory)
-    kept, _ = _dedupe_state_dict(module.state_dict(), directory)
+    kept, _ = _dedupe_state_dict(
+        module.state_dict() if state_dict is None else state_dict, directory
+    )
     safetensors.torch.save_file(
         _tensors_to_store(kept), os.path.join(directory, _WEIGHTS), metadata={"format": "pt"}
     )
     if info["kind"] == "transformers":
         config = copy.deepcopy(module.config)
-        config.architectures = [type(module).__name__]
+        config.architectures = [model_class(module).__name__]
         config.save_pretrained(directory)
         generation_config = getattr(module, "generation_config", None)
         if generation_config is not None and callable(
@@ -707,10 +787,20 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
     # --- data parallel: rank 0 writes every rank's RNG states; the others wait for it ---
     if is_distributed():
         rank_rngs = all_gather_objects(rng_json)
+        # FSDP2: every rank takes part in gathering the sharded weights and optimizer moments.
+        full_weights = {
+            name: full_state_dict(module)
+            for name, module in modules.items()
+            if is_fsdp_module(module) and "alias" not in components[name]
+        }
+        optimizer_state = _full_optimizer_state(state.optimizer)
         failure: BaseException | None = None
         if get_distributed_info().rank == 0:
             try:
-                _write_checkpoint(state, modules, path, components, metadata, rank_rngs)
+                _write_checkpoint(
+                    state, modules, path, components, metadata, rank_rngs, full_weights,
+                    optimizer_state,
+                )
             except BaseException as error:  # re-raised below, after telling the other ranks
                 failure = error
         if all_reduce_scalars([0.0 if failure is None else 1.0])[0]:
@@ -730,8 +820,12 @@ def _write_checkpoint(
     components: Mapping[str, Any],
     metadata: Mapping[str, Any],
     rank_rngs: Sequence[Any],
+    full_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    optimizer_state: Any = None,
 ) -> None:
-    """Writes the validated checkpoint atomically (``rank_rngs[0]`` is ``rng.json``)."""
+    """Writes the validated checkpoint atomically (``rank_rngs[0]`` is ``rng.json``;
+    ``full_weights`` / ``optimizer_state`` replace the state dicts of FSDP2-sharded parts)."""
+    full_weights = full_weights or {}
     rng_json = rank_rngs[0]
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
@@ -742,11 +836,15 @@ def _write_checkpoint(
         for component in _MODEL_COMPONENTS:
             info = components[component]
             if info is not None and "alias" not in info:
-                _save_model_dir(modules[component], os.path.join(temporary, component), info)
+                _save_model_dir(
+                    modules[component], os.path.join(temporary, component), info,
+                    full_weights.get(component),
+                )
         if state.tokenizer is not None:
             state.tokenizer.save_pretrained(os.path.join(temporary, "policy"))
         if state.optimizer is not None:
-            torch.save(state.optimizer.state_dict(), os.path.join(temporary, _OPTIMIZER))
+            saved = state.optimizer.state_dict() if optimizer_state is None else optimizer_state
+            torch.save(saved, os.path.join(temporary, _OPTIMIZER))
         if state.scheduler is not None:
             torch.save(state.scheduler.state_dict(), os.path.join(temporary, _SCHEDULER))
         _write_json(os.path.join(temporary, _RNG), rng_json)
@@ -1134,9 +1232,9 @@ def load_checkpoint(
     # 5: apply.
     with torch.no_grad():
         for target_tensor, source_tensor in copies:
-            target_tensor.copy_(source_tensor)
+            copy_into(target_tensor, source_tensor)  # a DTensor shard keeps its own slice
     if optimizer_state is not None:
-        state.optimizer.load_state_dict(optimizer_state)
+        state.optimizer.load_state_dict(_sharded_optimizer_state(state.optimizer, optimizer_state))
     if scheduler_state is not None:
         state.scheduler.load_state_dict(scheduler_state)
     if restore_rng:

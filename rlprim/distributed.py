@@ -33,6 +33,15 @@ What happens under ``N > 1`` ranks (``is_distributed()``):
   (``unwrap_model``) to reach the Hugging Face model for log-probs, values and ``generate``.
 * **Checkpoints.** ``save_checkpoint`` gathers every rank's RNG state, rank 0 writes, all ranks
   wait for it; ``load_checkpoint`` is called on every rank (a shared filesystem is assumed).
+* **FSDP2** (``wrap_training_state(state, strategy="fsdp")``). The policy's weights, gradients
+  and optimizer moments are sharded over the ranks (``fully_shard`` per transformer block plus
+  the root). Everything above holds, with three differences: gradients are reduce-scattered
+  (summed) by FSDP in each backward instead of ``synchronize_gradients``; forwards whose
+  number differs by rank (sampling, evaluation, no-grad log-prob passes) run inside
+  ``gathered_parameters``, and ``training_step`` pads every rank to the same number of
+  micro-batches with zero-loss passes; checkpoints gather the full weights and moments
+  (``full_state_dict``) and are the files one process writes, so they load with or without
+  FSDP, on any number of ranks.
 * **Failure.** A rank that raises exits non-zero and ``torchrun`` stops the others; a rank
   blocked in a collective on a dead or stuck peer gets an error after ``timeout``
   (``DEFAULT_TIMEOUT`` = 10 minutes, as for NCCL; gloo notices a peer's closed socket at once).
@@ -47,7 +56,7 @@ import contextlib
 import datetime
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -72,6 +81,12 @@ __all__ = [
     "rank_seed",
     "wrap_training_state",
     "unwrap_model",
+    "is_fsdp_module",
+    "gathered_parameters",
+    "full_state_dict",
+    "load_full_state_dict",
+    "model_class",
+    "copy_into",
     "no_sync",
     "broadcast_module",
     "all_reduce_scalars",
@@ -370,6 +385,171 @@ def broadcast_module(module: nn.Module, src: int = 0) -> nn.Module:
     return module
 
 
+def is_fsdp_module(model: Any) -> bool:
+    """True when ``model`` was sharded with FSDP2 ``fully_shard`` (``wrap_training_state(...,
+    strategy="fsdp")``).
+
+    FSDP2 changes the module's class in place (no wrapper): its parameters are ``DTensor``
+    shards, and a forward all-gathers them, unit by unit.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_units(*models: Any) -> list[nn.Module]:
+    units: list[nn.Module] = []
+    for model in models:
+        if is_fsdp_module(model):
+            units += [m for m in model.modules() if is_fsdp_module(m)]
+    return units
+
+
+@contextlib.contextmanager
+def gathered_parameters(*models: Any) -> Iterator[None]:
+    """Inside the block, FSDP2-sharded ``models`` hold their full weights for forward passes.
+
+    FSDP2 all-gathers a unit's weights at each forward, so every rank must run the same number
+    of forwards — which sampling (ranks stop at different lengths, dynamic sampling re-samples
+    a different number of rounds) and evaluation do not. Entering all-gathers every unit once
+    (``unshard``, collective: every rank enters together) and keeps it gathered
+    (``set_reshard_after_forward(False)``); then forwards need no communication and ranks may run
+    any number of them. Leaving reshards. Memory: one full copy of the weights while inside.
+    Models that are not FSDP2 modules are ignored (a no-op for DDP and one process).
+    """
+    units = _fsdp_units(*models)
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``unwrap_model(model).state_dict()`` with every ``DTensor`` shard gathered in full.
+
+    For an FSDP2 module this is a collective (every rank must call it, in the same order) and
+    every rank gets the full tensors; for any other module it is the plain ``state_dict()``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torch.distributed.tensor import DTensor
+
+    module = unwrap_model(model)
+    state = module.state_dict()
+    if not is_fsdp_module(module):
+        return state
+    # Tied parameters (one Parameter under two names) stay one tensor, as in a plain state_dict.
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    gathered: dict[int, torch.Tensor] = {}
+    result = {}
+    for name, tensor in state.items():
+        key = id(parameters.get(name, tensor))
+        if key not in gathered:
+            gathered[key] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        result[name] = gathered[key]
+    return result
+
+
+def model_class(model: Any) -> type:
+    """The model's own class, as a checkpoint or ``config.architectures`` should name it.
+
+    FSDP2 swaps a module's class for a generated subclass (``Qwen2ForCausalLM`` becomes
+    ``FSDPQwen2ForCausalLM``); this returns ``Qwen2ForCausalLM``. DDP wrappers are unwrapped;
+    any other module gives ``type(model)``.
+    """
+    module = unwrap_model(model)
+    cls = type(module)
+    if is_fsdp_module(module):
+        from torch.distributed.fsdp import FSDPModule
+
+        return next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
+
+
+def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``, where ``target`` may be an FSDP2 ``DTensor`` shard.
+
+    ``source`` is the full tensor (``[*shape]``, the global shape of ``target``), held by every
+    rank; each rank copies its own slice into its shard, without communication. For a plain
+    ``target`` it is ``target.copy_(source)`` (dtype and device converted), under ``no_grad``.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(target, DTensor) and not isinstance(source, DTensor):
+            shard = distribute_tensor(
+                source.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                target.placements, src_data_rank=None,
+            )
+            target.to_local().copy_(shard.to_local())
+        else:
+            target.copy_(source)
+
+
+def load_full_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copies full tensors into ``model``'s parameters and buffers, in place.
+
+    The inverse of ``full_state_dict``: for an FSDP2 module each rank keeps its own shard of
+    each full tensor (every rank must hold the same ``tensors``; no communication); otherwise
+    each tensor is copied in. Keys must match ``model.state_dict()`` exactly (``ValueError``
+    before anything is copied); dtypes and devices are converted to the model's.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    own = unwrap_model(model).state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"tensors do not match the model's state_dict: missing {missing}, unexpected "
+            f"{unexpected}"
+        )
+    for name, target in own.items():
+        copy_into(target, tensors[name])
+
+
+def _fsdp(module: nn.Module) -> nn.Module:
+    """FSDP2: every transformer block (``_no_split_modules``) is a unit, the rest the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    if is_fsdp_module(module):
+        return module
+    broadcast_module(module)  # fully_shard keeps each rank's slice of its own tensors
+    block_names = set(getattr(module, "_no_split_modules", None) or ())
+    for sub in list(module.modules()):
+        if sub is not module and type(sub).__name__ in block_names:
+            fully_shard(sub)
+    fully_shard(module)
+    for unit in _fsdp_units(module):
+        # Sum, do not average, over ranks: rlprim weights each micro-batch by its share of the
+        # global batch (as in the DDP path). Forced SUM also avoids PREMUL_SUM, which gloo lacks.
+        unit.set_force_sum_reduction_for_comms(True)
+        unit.set_gradient_divide_factor(1.0)
+    return module
+
+
+def _rebuilt_optimizer(
+    optimizer: torch.optim.Optimizer, old_names: Mapping[int, str], module: nn.Module
+) -> torch.optim.Optimizer:
+    """The same optimizer class and hyper-parameters over ``module``'s new (sharded) parameters."""
+    new = dict(module.named_parameters())
+    groups = []
+    for group in optimizer.param_groups:
+        params = [new[old_names[id(p)]] if id(p) in old_names else p for p in group["params"]]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    # Every group carries its own hyper-parameters; pass the constructor only what it takes
+    # (AdamW's defaults hold keys its __init__ does not accept).
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return type(optimizer)(groups, **defaults)
+
+
 def _ddp(module: nn.Module, info: DistributedInfo, find_unused_parameters: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -421,9 +601,18 @@ def wrap_training_state(
     need the inner model (``get_logprobs``, ``get_values``, generation, checkpoints, reference
     updates) and synchronise gradients themselves, once per step (see the module docstring).
 
-    ``strategy="fsdp"`` (FSDP2 ``fully_shard``) raises ``NotImplementedError``: its per-forward
-    all-gathers need every rank to run the same number of forwards, which neither generation
-    (ranks stop at different lengths) nor uneven micro-batches guarantee; use DDP.
+    ``strategy="fsdp"``: the policy is sharded with FSDP2 ``fully_shard`` (Zhao et al. 2023,
+    "PyTorch FSDP"): each transformer block (the model's ``_no_split_modules``) is a unit, the
+    embeddings, final norm and head the root unit, so each rank stores ``1/N`` of the weights,
+    gradients and optimizer moments. The optimizer is rebuilt over the sharded parameters (same
+    class, same groups and hyper-parameters; it must not have state yet, and the state must not
+    carry a scheduler — build it afterwards). Reductions sum over ranks (the DDP path's
+    semantics). rlprim keeps FSDP's collectives in step: sampling, evaluation and no-grad
+    log-prob passes run inside ``gathered_parameters`` (weights gathered once, then any number
+    of forwards per rank), ``training_step`` runs the same number of micro-batches on every rank
+    (padding with zero-weight ones) and log-probs use the model's own forward (its
+    ``logits_to_keep``) so the root unit's hooks run. Not supported with FSDP: a value model
+    (PPO), the vLLM generator's weight sync.
 
     Without a process group (not launched with ``torchrun``) the state is returned unchanged.
     Idempotent: wrapped modules are not wrapped again.
@@ -431,10 +620,11 @@ def wrap_training_state(
     Args:
       state: a ``TrainingState`` whose models live on this rank's device
         (``get_distributed_info().device``).
-      strategy: ``"ddp"`` (or ``"fsdp"``, see above).
+      strategy: ``"ddp"`` or ``"fsdp"`` (see above).
       find_unused_parameters: passed to DDP (only matters for users' own DDP forwards).
     Returns:
-      ``state._replace(policy=DDP(policy), value_model=DDP(value_model))``.
+      ``state._replace(policy=DDP(policy), value_model=DDP(value_model))``, or with
+      ``"fsdp"`` ``state._replace(policy=fully_shard(policy), optimizer=<rebuilt>)``.
     """
     if not isinstance(state, TrainingState):
         raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
@@ -445,14 +635,33 @@ def wrap_training_state(
             f"state.policy must be a torch.nn.Module, got {type(state.policy).__name__}"
         )
     if strategy == "fsdp":
-        raise NotImplementedError(
-            "strategy='fsdp' (FSDP2 fully_shard) is not supported by rlprim's training loop: "
-            "FSDP2 all-gathers weights in every forward, so all ranks must run the same number "
-            "of forwards, which sampling (ranks finish at different lengths) and uneven "
-            "micro-batches do not; use strategy='ddp'"
-        )
+        if state.value_model is not None:
+            raise NotImplementedError(
+                "strategy='fsdp' with a value model (PPO's critic) is not supported; use "
+                "strategy='ddp'"
+            )
+        if state.scheduler is not None:
+            raise ValueError(
+                "strategy='fsdp' replaces the optimizer (FSDP2 makes new parameters): wrap a "
+                "state without a scheduler and build the scheduler on the new state.optimizer"
+            )
+        if state.optimizer is not None and state.optimizer.state:
+            raise ValueError(
+                "strategy='fsdp' needs a fresh optimizer (no state yet): wrap before the first "
+                "update; load_checkpoint after wrapping restores the optimizer's state"
+            )
     if not (dist.is_available() and dist.is_initialized()):
         return state
+    if strategy == "fsdp":
+        policy = unwrap_model(state.policy)
+        old_names = {id(p): name for name, p in policy.named_parameters()}
+        policy = _fsdp(policy)
+        optimizer = state.optimizer
+        if optimizer is not None:
+            optimizer = _rebuilt_optimizer(optimizer, old_names, policy)
+        if isinstance(state.ref_model, nn.Module) and state.ref_model is not policy:
+            broadcast_module(state.ref_model)
+        return state._replace(policy=policy, optimizer=optimizer)
     info = get_distributed_info()
     policy = _ddp(state.policy, info, find_unused_parameters)
     value_model = state.value_model

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlprim.distributed import unwrap_model
+from rlprim.distributed import is_fsdp_module, unwrap_model
 
 __all__ = [
     "FUSED_HEAD_MODEL_TYPES",
@@ -334,7 +334,8 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """``(backbone, lm_head)`` when logits are exactly ``lm_head(backbone(...)[0])``, else None."""
     inner = _unwrap_peft(model)
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
-    if model_type not in FUSED_HEAD_MODEL_TYPES:
+    if model_type not in FUSED_HEAD_MODEL_TYPES or is_fsdp_module(inner):
+        # FSDP2: the root unit gathers the embeddings and head only in the model's own forward.
         return None
     backbone = getattr(inner, "base_model", None)
     get_head = getattr(inner, "get_output_embeddings", None)

@@ -18,6 +18,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -43,10 +44,14 @@ from rlprim.batching import (
 from rlprim.critic import create_value_model, get_values
 from rlprim.distributed import (
     all_reduce_scalars,
+    full_state_dict,
     gather_rows,
+    gathered_parameters,
     get_distributed_info,
     is_distributed,
+    is_fsdp_module,
     is_main_process,
+    load_full_state_dict,
     no_sync,
     rank_seed,
     shard_bounds,
@@ -187,6 +192,28 @@ def _trainable_parameters(state: TrainingState) -> list[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
+def _full_policy(state: TrainingState) -> Any:
+    """The policy module for a reference update: a full-weight copy under FSDP2 (built from
+    ``state.ref_model``'s architecture), else the unwrapped policy."""
+    policy = unwrap_model(state.policy)
+    if not is_fsdp_module(policy):
+        return policy
+    copy = deepcopy(state.ref_model)
+    load_full_state_dict(copy, full_state_dict(policy))
+    return copy
+
+
+def _idle_pass(policy: Any, extract: Callable[..., Any], temperature: float) -> None:
+    """FSDP2: a forward and backward with zero loss on a 2-token input, so this rank joins the
+    all-gathers and reduce-scatters of a micro-batch it does not have (adds 0 gradient)."""
+    device = next(policy.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    logprobs = extract(
+        policy, ids, torch.ones_like(ids), temperature=temperature, completion_length=1
+    )
+    (logprobs.sum() * 0.0).backward()
+
+
 def _micro_batches(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
     if micro_batch_size is None or micro_batch_size >= batch.completion_ids.shape[0]:
         return [batch]
@@ -280,13 +307,20 @@ def training_step(
         micro = _micro_batches(batch, config.micro_batch_size)
         weights = microbatch_loss_weights(micro, config.loss_agg_mode)
     want_entropy = True
+    # FSDP2 reduce-scatters in every backward: all ranks run as many passes as the busiest.
+    fsdp = parallel and is_fsdp_module(state.policy)
+    passes = int(all_reduce_scalars([len(micro)], "max")[0]) if fsdp else len(micro)
 
     state.optimizer.zero_grad(set_to_none=True)
     finite = True
     losses, metrics_seen, entropies = [], [], []
     # Data parallel: backward passes accumulate locally; gradients are summed once below.
     with no_sync(state.policy, state.value_model) if parallel else contextlib.nullcontext():
-        for mb, weight in zip(micro, weights, strict=True):
+        for index in range(passes):
+            if index >= len(micro) or not finite:  # FSDP2 only: keep the collectives in step
+                _idle_pass(state.policy, extract, temperature)
+                continue
+            mb, weight = micro[index], weights[index]
             input_ids, attention_mask = _model_inputs(mb)
             tc = mb.completion_ids.shape[1]
             out = extract(
@@ -314,6 +348,9 @@ def training_step(
             )
             if not torch.isfinite(loss):
                 finite = False
+                if fsdp:  # the update is skipped on every rank; the passes must still happen
+                    _idle_pass(state.policy, extract, temperature)
+                    continue
                 break
             if weight and loss.requires_grad:  # a fully masked batch has no graph
                 (loss * weight).backward()
@@ -350,14 +387,14 @@ def training_step(
             global_sums[name] = tuple(reduced[6 + 3 * i : 9 + 3 * i])
         if algorithm_config.tis_cap is not None:
             tis_ratio_max = all_reduce_scalars([tis_ratio_max], "max")[0]
-        if finite:
+        if finite and not fsdp:  # FSDP2 has summed them already (reduce-scatter)
             synchronize_gradients(params)
     # --- end data parallel ---
     grad_norm = float("nan")
     if finite:
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        grad_norm = float(norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         finite = math.isfinite(grad_norm)
     if finite:
         step_fn(state)
@@ -589,10 +626,11 @@ def training_iteration(
     # --- end data parallel ---
 
     t0 = time.perf_counter()
-    rollouts, sampling_stats = _sample_and_score(
-        state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
-        group_offset,
-    )
+    with gathered_parameters(state.policy):  # FSDP2: ranks sample different lengths
+        rollouts, sampling_stats = _sample_and_score(
+            state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
+            group_offset,
+        )
     time_generate = time.perf_counter() - t0
     if parallel and all_reduce_scalars([1.0 if rollouts else 0.0], "min")[0] == 0:
         rollouts = []  # some rank has nothing to train on: every rank skips together
@@ -631,9 +669,10 @@ def training_iteration(
         engine_logprobs, batch = batch.old_logprobs, batch._replace(old_logprobs=None)
     sampling_logprobs = batch.old_logprobs
     if sampling_logprobs is None and (not on_policy or requires_reference_model(config, registry)):
-        sampling_logprobs = _no_grad_logprobs(
-            state.policy, batch, temperature, config.micro_batch_size, extract
-        )
+        with gathered_parameters(state.policy):  # FSDP2: micro-batch counts differ by rank
+            sampling_logprobs = _no_grad_logprobs(
+                state.policy, batch, temperature, config.micro_batch_size, extract
+            )
     ref_logprobs = kl = None
     kl_mean = kl_sequence_mean = float("nan")
     if requires_reference_model(config, registry):
@@ -735,7 +774,7 @@ def training_iteration(
     if ref_model_update_fn is not None and state.ref_model is not None:
         state = state._replace(
             ref_model=update_reference_model(
-                state.ref_model, unwrap_model(state.policy), ref_model_update_fn, state.step
+                state.ref_model, _full_policy(state), ref_model_update_fn, state.step
             )
         )
 
@@ -883,7 +922,9 @@ def train(
                 # eval_fn sees the bare model (generate, config) when the policy is DDP-wrapped.
                 policy = unwrap_model(state.policy)
                 eval_state = state if policy is state.policy else state._replace(policy=policy)
-                extra.update({f"eval/{k}": float(v) for k, v in eval_fn(eval_state).items()})
+                with gathered_parameters(policy):  # FSDP2: evaluation lengths differ by rank
+                    evaluation = eval_fn(eval_state)
+                extra.update({f"eval/{k}": float(v) for k, v in evaluation.items()})
             stats = stats._replace(step=iteration, extra=extra)
             if logger is not None and main:
                 logger(stats)

@@ -744,6 +744,9 @@ def create_vllm_generator(engine: Any, *, sync: bool = True) -> Callable[..., li
     the closure. The cost is one weight copy per generator call (also per turn of multi-turn
     rollouts and per refill round of dynamic sampling, where the weights did not change); to
     avoid it pass ``sync=False`` and call ``sync_weights`` yourself after each update.
+    With an FSDP2-sharded policy the sync gathers the shards (a collective): every rank must
+    then call the generator equally often — one call per iteration, i.e. no dynamic sampling
+    and single-turn rollouts — or sync yourself with ``sync=False``.
 
     Args:
       engine: a ``vllm.LLM`` from ``create_vllm_engine`` (same architecture as the policy).

@@ -40,7 +40,7 @@ from rlprim.types import Batch, TrainingState
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
 LAUNCH_TIMEOUT = 400  # seconds for all launches (about a minute of work; CI may be busy)
-EQUIVALENCE_JOBS = ("token_mean", "seq_mean", "ppo", "tis")
+EQUIVALENCE_JOBS = ("token_mean", "seq_mean", "ppo", "tis", "fsdp")
 
 
 # ------------------------------------------------------------------------------ launching
@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     failing_dir = tmp_path_factory.mktemp("dist_fail")
     running = {
         "distributed": _torchrun(out, "distributed.log", *EQUIVALENCE_JOBS, "ckpt_full",
-                                 "collectives"),
+                                 "fsdp_ckpt_full", "collectives"),
         "single": _single(out, "single.log", *EQUIVALENCE_JOBS),
         "fail": _torchrun(failing_dir, "fail.log", "fail"),
     }
@@ -101,7 +101,9 @@ def runs(tmp_path_factory):
             results[name] = (process.returncode, log.read_text(), time.time())
             del running[name]
             if name == "distributed" and process.returncode == 0:
-                running["resume"] = _torchrun(out, "resume.log", "ckpt_resume")
+                running["resume"] = _torchrun(
+                    out, "resume.log", "ckpt_resume", "fsdp_ckpt_resume"
+                )
         if time.monotonic() > deadline:
             for process, _ in running.values():
                 process.kill()
@@ -165,7 +167,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, job):
         for key in ("loss", "policy_loss", "value_loss", "kl", "entropy", "grad_norm"):
             a, b = one[key], two[key]
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5, abs=1e-7)
-    if job == "token_mean":
+    if job in ("token_mean", "fsdp"):
         assert stats0["kl_coef"] != 0.05  # the adaptive controller moved β, identically
     if job == "tis":  # the TIS diagnostics are those of the global batch
         for one, two in zip(stats_single["stats"], stats0["stats"], strict=True):
@@ -216,6 +218,36 @@ def test_checkpoint_from_two_ranks_resumes_exactly_on_two_ranks(runs):
     for key in ("loss", "reward_mean", "kl", "grad_norm", "num_tokens"):
         assert resumed_stats[key] == last[key]
     assert _stats(out, "ckpt_full", 2, 1)["stats"] == []  # only rank 0 logs
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(runs):
+    _ok(runs, "distributed")
+    _ok(runs, "resume")
+    out = runs["out"]
+    full = _weights(out, "fsdp_ckpt_full", 2, 0)
+    for rank in (0, 1):
+        resumed = _weights(out, "fsdp_ckpt_resume", 2, rank)
+        assert full.keys() == resumed.keys()
+        for name in full:
+            assert torch.equal(full[name], resumed[name]), f"rank {rank}: {name} differs"
+    # The checkpoint is a single-process one: the model's own class, full tensors.
+    last = out / "fsdp_ckpt" / "step_00000003"
+    config = json.loads((last / "policy" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    import rlprim as rp
+    from rlprim.testing import tiny_model, tiny_tokenizer
+
+    config = rp.create_algorithm_config("grpo", kl_coef=0.05, micro_batch_size=3)
+    state = rp.create_training_state(
+        tiny_model("qwen2", seed=0), tiny_tokenizer(), config, learning_rate=1e-3
+    )
+    state = rp.load_checkpoint(str(last), state)
+    for name, tensor in state.policy.state_dict().items():
+        assert torch.equal(tensor, full[f"policy.{name}"]), name
+    assert state.optimizer.state_dict()["state"][0]["exp_avg"].shape == (
+        state.policy.model.embed_tokens.weight.shape
+    )
 
 
 @pytest.mark.slow
@@ -439,8 +471,28 @@ def test_wrap_training_state_without_a_process_group_and_unwrap():
     state = TrainingState(policy=model, tokenizer=None, optimizer=None)
     assert rd.wrap_training_state(state) is state
     assert rd.unwrap_model(model) is model
-    with pytest.raises(NotImplementedError, match="fully_shard"):
-        rd.wrap_training_state(state, strategy="fsdp")
+    assert rd.wrap_training_state(state, strategy="fsdp") is state  # one process: no-op
+    assert not rd.is_fsdp_module(model) and rd.model_class(model) is torch.nn.Linear
+    assert rd.full_state_dict(model).keys() == model.state_dict().keys()
+    with rd.gathered_parameters(model, None):  # nothing sharded: a no-op
+        pass
+    target = torch.nn.Linear(2, 2)
+    rd.load_full_state_dict(target, rd.full_state_dict(model))
+    assert torch.equal(target.weight, model.weight)
+    with pytest.raises(ValueError, match="missing"):
+        rd.load_full_state_dict(target, {"weight": model.weight})
+    with torch.no_grad():
+        rd.copy_into(target.bias, torch.tensor([3.0, 4.0]))
+    assert target.bias.tolist() == [3.0, 4.0]
+    with_critic = state._replace(value_model=torch.nn.Linear(2, 1))
+    with pytest.raises(NotImplementedError, match="value model"):
+        rd.wrap_training_state(with_critic, strategy="fsdp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduled = state._replace(
+        optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    )
+    with pytest.raises(ValueError, match="scheduler"):
+        rd.wrap_training_state(scheduled, strategy="fsdp")
     with pytest.raises(ValueError, match="strategy"):
         rd.wrap_training_state(state, strategy="zero3")
     with pytest.raises(TypeError, match="TrainingState"):

@@ -197,12 +197,12 @@ def test_every_example_script_is_tested():
     assert scripts == sorted(EXAMPLES), "add the new example to EXAMPLES in this file"
 
 
-@pytest.mark.parametrize("name", list(EXAMPLES))
-def test_example_runs_in_quick_mode(name, tmp_path):
+def _run_example(name: str, tmp_path: Path, *extra: str) -> dict[str, str]:
+    """Runs one example in quick mode; returns the fields of its summary line, checked."""
     workdir = tmp_path / "cwd"
-    workdir.mkdir()
+    workdir.mkdir(parents=True)
     result = subprocess.run(
-        _example_command(name),
+        [*_example_command(name), *extra],
         cwd=workdir,
         env=_child_env(tmp_path),
         capture_output=True,
@@ -217,8 +217,25 @@ def test_example_runs_in_quick_mode(name, tmp_path):
     assert summary and summary.group("name") == name, (
         f"{name}: the last line is not its summary '[{name}] done: ...'\n{output}"
     )
-    EXAMPLES[name](_fields(summary.group("fields")))
+    fields = _fields(summary.group("fields"))
+    EXAMPLES[name](fields)
     assert list(workdir.iterdir()) == [], f"{name} wrote into the working directory"
+    return fields
+
+
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if n not in TORCHRUN_EXAMPLES])
+def test_example_runs_in_quick_mode(name, tmp_path):
+    _run_example(name, tmp_path)
+
+
+def test_distributed_example_under_torchrun_fsdp_equals_ddp(tmp_path):
+    # The same 2-rank run with DDP replicas and with FSDP2 shards (arith-tiny has tied
+    # embeddings): the same samples, rewards and held-out accuracy.
+    ddp = _run_example("distributed_grpo", tmp_path / "ddp")
+    fsdp = _run_example("distributed_grpo", tmp_path / "fsdp", "--strategy", "fsdp")
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    for key in ("reward_first", "reward_last", "heldout_accuracy", "num_sequences"):
+        assert ddp[key] == fsdp[key], key
 
 
 def test_notebook_executes(tmp_path, monkeypatch):

@@ -11,9 +11,13 @@ OUT_DIR/<job>_w<world>_r<rank>.json with the per-iteration stats):
   ppo          PPO: critic, GAE, KL in the reward, whitening, 2 epochs of minibatches, SGD.
   tis          GRPO, token-mean, TIS with cap 2 against "engine" log-probs lowered by
                0.2·(token id mod 5) (weights 1 to e^0.8, some cut at 2), 2 epochs, SGD.
+  fsdp         token_mean with the policy sharded by FSDP2 (strategy="fsdp") and an EMA
+               reference updated from it.
   ckpt_full    `train` for 3 iterations with AdamW, an EMA reference and a checkpoint after
                every iteration in OUT_DIR/ckpt.
   ckpt_resume  fresh objects, `load_checkpoint(OUT_DIR/ckpt/step_00000002)`, `train` to 3.
+  fsdp_ckpt_full, fsdp_ckpt_resume   the same two with the policy sharded by FSDP2
+               (OUT_DIR/fsdp_ckpt).
   fail         rank 1 raises in its reward function during the second iteration (after
                writing the time to OUT_DIR/raised_at).
   collectives  gather_rows and synchronize_gradients on small hand-made tensors
@@ -42,6 +46,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import rlprim as rp  # noqa: E402
 from rlprim.distributed import (  # noqa: E402
+    full_state_dict,
     gather_rows,
     get_distributed_info,
     init_distributed,
@@ -105,7 +110,7 @@ def reward(rollout):
 def _state(job: str):
     tokenizer = tiny_tokenizer()
     policy = tiny_model("qwen2", seed=0)
-    if job == "token_mean":
+    if job in ("token_mean", "fsdp"):
         config = rp.create_algorithm_config(
             "grpo", loss_agg_mode="token-mean", kl_coef=0.05, scale_rewards="batch",
             micro_batch_size=3,
@@ -127,7 +132,7 @@ def _state(job: str):
     else:
         config = rp.create_algorithm_config("grpo", kl_coef=0.05, micro_batch_size=3)
     value_model = rp.create_value_model(policy) if job == "ppo" else None
-    if job in ("token_mean", "seq_mean", "ppo", "tis"):
+    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp"):
         params = list(policy.parameters())
         if value_model is not None:
             params += list(value_model.parameters())
@@ -139,16 +144,14 @@ def _state(job: str):
         )
     else:
         state = rp.create_training_state(policy, tokenizer, config, learning_rate=1e-3)
-    return wrap_training_state(state), config
+    strategy = "fsdp" if job.startswith("fsdp") else "ddp"
+    return wrap_training_state(state, strategy=strategy), config
 
 
 def _save(out_dir: str, job: str, state, stats: list[dict]) -> None:
     info = get_distributed_info()
     stem = os.path.join(out_dir, f"{job}_w{info.world_size}_r{info.rank}")
-    tensors = {
-        f"policy.{k}": v.detach().clone()
-        for k, v in unwrap_model(state.policy).named_parameters()
-    }
+    tensors = {f"policy.{k}": v.detach().clone() for k, v in full_state_dict(state.policy).items()}
     if state.value_model is not None:
         tensors.update(
             {
@@ -174,13 +177,15 @@ def run_iterations(out_dir: str, job: str) -> None:
     loader = rp.create_prompt_loader(PROMPTS, batch_size=PROMPTS_PER_ITERATION, seed=0)
     gen = rp.GenerationConfig(max_new_tokens=6, num_samples=4, seed=3)
     controller = None
-    if job == "token_mean":
+    if job in ("token_mean", "fsdp"):
         controller = rp.create_adaptive_kl_controller(0.05, target=0.01, horizon=10)
+    ema = rp.create_ema_updater(0.5) if job == "fsdp" else None
     stats = []
     for iteration in range(ITERATIONS):
         state, s = rp.training_iteration(
             state, loader(iteration), gen._replace(seed=gen.seed + iteration), config, reward,
             engine_generator if job == "tis" else prompt_generator, kl_controller=controller,
+            ref_model_update_fn=ema,
         )
         stats.append(_clean(s))
     _save(out_dir, job, state, stats)
@@ -188,9 +193,13 @@ def run_iterations(out_dir: str, job: str) -> None:
 
 def run_checkpointed(out_dir: str, job: str) -> None:
     state, config = _state(job)
-    ckpt = os.path.join(out_dir, "ckpt" if job == "ckpt_full" else "ckpt_resumed")
-    if job == "ckpt_resume":
-        state = rp.load_checkpoint(os.path.join(out_dir, "ckpt", "step_00000002"), state)
+    prefix = "fsdp_" if job.startswith("fsdp") else ""
+    full = job.endswith("ckpt_full")
+    ckpt = os.path.join(out_dir, prefix + ("ckpt" if full else "ckpt_resumed"))
+    if not full:
+        state = rp.load_checkpoint(
+            os.path.join(out_dir, prefix + "ckpt", "step_00000002"), state
+        )
     stats: list[dict] = []
     state = rp.train(
         state,
@@ -257,9 +266,9 @@ def main() -> None:
     out_dir, jobs = sys.argv[1], sys.argv[2:]
     init_distributed(timeout=120)
     for job in jobs:
-        if job in ("token_mean", "seq_mean", "ppo", "tis"):
+        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp"):
             run_iterations(out_dir, job)
-        elif job in ("ckpt_full", "ckpt_resume"):
+        elif job in ("ckpt_full", "ckpt_resume", "fsdp_ckpt_full", "fsdp_ckpt_resume"):
             run_checkpointed(out_dir, job)
         elif job == "fail":
             run_failing(out_dir)
