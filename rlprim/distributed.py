@@ -20,6 +20,8 @@ What happens under ``N > 1`` ranks (``is_distributed()``):
   PPO's advantage whitening, a custom ``advantage_fn``) are those of the global batch. Reward
   mean/std, KL, response length, token and sequence counts in ``TrainingStats`` are global and
   identical on every rank; the adaptive KL controller sees the global KL, so β is too.
+  Dynamic sampling (DAPO) re-samples per rank, as often as that rank needs; its
+  ``dynamic_sampling/*`` statistics are the job's (groups summed, rounds the slowest rank's).
 * **Loss normalisation.** Each micro-batch loss is weighted by its share of the *global*
   normaliser (``microbatch_loss_weights(..., global_totals=...)``): with ``token-mean`` the
   gradient is that of ``Σ_{all ranks' tokens} l_t / N_global`` — not a mean of rank means.

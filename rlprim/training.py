@@ -474,6 +474,24 @@ def _shaped_rewards(rollouts, rewards, config: AlgorithmConfig, gen_config, shap
     )
 
 
+# How each rank's DynamicSamplingStats field combines into the job's: counts add up, the
+# slowest rank's rounds count, and the target is reached only if every rank reached its own.
+_SAMPLING_REDUCTIONS = {"rounds": "max", "target_reached": "min"}
+
+
+def _global_sampling_stats(stats: Mapping[str, float]) -> dict[str, float]:
+    """Data parallel: ``dynamic_sampling/*`` of the whole job (same keys on every rank)."""
+    result = dict(stats)
+    for op in ("sum", "max", "min"):
+        keys = [
+            k for k in sorted(stats)
+            if _SAMPLING_REDUCTIONS.get(k.split("/", 1)[1], "sum") == op
+        ]
+        if keys:
+            result.update(zip(keys, all_reduce_scalars([stats[k] for k in keys], op), strict=True))
+    return result
+
+
 def _sample_and_score(
     state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
     group_offset,
@@ -580,7 +598,9 @@ def training_iteration(
     gathered so advantages and every statistic are the global batch's; minibatches are the
     single-process ones (same shuffle of the global rows), each rank training on its rows of
     each; ``training_step`` sums gradients over ranks. Every rank ends with the same weights
-    and the same stats (timings and ``dynamic_sampling/*`` are per rank). When any rank is
+    and the same stats (timings are per rank; ``dynamic_sampling/*`` count the whole job:
+    groups summed, rounds the most any rank needed, ``target_reached`` only if every rank
+    reached its target). When any rank is
     left without an informative group, every rank skips the iteration.
 
     Args:
@@ -632,6 +652,8 @@ def training_iteration(
             group_offset,
         )
     time_generate = time.perf_counter() - t0
+    if parallel and sampling_stats:
+        sampling_stats = _global_sampling_stats(sampling_stats)
     if parallel and all_reduce_scalars([1.0 if rollouts else 0.0], "min")[0] == 0:
         rollouts = []  # some rank has nothing to train on: every rank skips together
     if not rollouts:

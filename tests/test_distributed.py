@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     failing_dir = tmp_path_factory.mktemp("dist_fail")
     running = {
         "distributed": _torchrun(out, "distributed.log", *EQUIVALENCE_JOBS, "ckpt_full",
-                                 "fsdp_ckpt_full", "collectives"),
+                                 "fsdp_ckpt_full", "dapo", "collectives"),
         "single": _single(out, "single.log", *EQUIVALENCE_JOBS),
         "fail": _torchrun(failing_dir, "fail.log", "fail"),
     }
@@ -124,8 +124,13 @@ def _weights(out: Path, job: str, world: int, rank: int) -> dict[str, torch.Tens
     return load_file(str(out / f"{job}_w{world}_r{rank}.safetensors"))
 
 
-def _stats(out: Path, job: str, world: int, rank: int) -> dict:
-    return json.loads((out / f"{job}_w{world}_r{rank}.json").read_text())
+def _stats(out: Path, job: str, world: int, rank: int, local: bool = False) -> dict:
+    """A run's saved stats; ``local=True`` keeps the per-rank count of scored rollouts."""
+    saved = json.loads((out / f"{job}_w{world}_r{rank}.json").read_text())
+    if not local:
+        for record in saved["stats"]:
+            record.pop("local_rollouts_scored", None)
+    return saved
 
 
 # ------------------------------------------------------------------------------ multi-process
@@ -218,6 +223,30 @@ def test_checkpoint_from_two_ranks_resumes_exactly_on_two_ranks(runs):
     for key in ("loss", "reward_mean", "kl", "grad_norm", "num_tokens"):
         assert resumed_stats[key] == last[key]
     assert _stats(out, "ckpt_full", 2, 1)["stats"] == []  # only rank 0 logs
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_statistics_are_the_jobs(runs):
+    _ok(runs, "distributed")
+    out = runs["out"]
+    rank0, rank1 = _stats(out, "dapo", 2, 0, local=True), _stats(out, "dapo", 2, 1, local=True)
+    w0, w1 = _weights(out, "dapo", 2, 0), _weights(out, "dapo", 2, 1)
+    assert all(torch.equal(w0[name], w1[name]) for name in w0)
+    group_size, shares = 4, (3, 2)  # 5 prompts per iteration: 3 on rank 0, 2 on rank 1
+    saw_resampling = False
+    for one, two in zip(rank0["stats"], rank1["stats"], strict=True):
+        local = [one.pop("local_rollouts_scored"), two.pop("local_rollouts_scored")]
+        assert one == two  # every statistic, dynamic_sampling/* included, is the job's
+        extra = one["extra"]
+        # Each round samples and scores every prompt of the rank's share once.
+        rounds = [n // (group_size * share) for n, share in zip(local, shares, strict=True)]
+        assert [n % (group_size * share) for n, share in zip(local, shares, strict=True)] == [0, 0]
+        assert extra["dynamic_sampling/groups_sampled"] == sum(local) // group_size
+        assert extra["dynamic_sampling/rounds"] == max(rounds)
+        assert 0 < extra["dynamic_sampling/groups_returned"] <= 5
+        assert extra["dynamic_sampling/groups_informative"] <= sum(local) // group_size
+        saw_resampling |= max(rounds) > 1
+    assert saw_resampling  # the "0+" prompts forced a second round at least once
 
 
 @pytest.mark.slow

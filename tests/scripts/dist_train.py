@@ -11,6 +11,8 @@ OUT_DIR/<job>_w<world>_r<rank>.json with the per-iteration stats):
   ppo          PPO: critic, GAE, KL in the reward, whitening, 2 epochs of minibatches, SGD.
   tis          GRPO, token-mean, TIS with cap 2 against "engine" log-probs lowered by
                0.2·(token id mod 5) (weights 1 to e^0.8, some cut at 2), 2 epochs, SGD.
+  dapo         DAPO with dynamic sampling; prompts "0+b=" always score 0 (uninformative
+               groups, re-sampled until max_sampling_rounds), only under torchrun.
   fsdp         token_mean with the policy sharded by FSDP2 (strategy="fsdp") and an EMA
                reference updated from it.
   ckpt_full    `train` for 3 iterations with AdamW, an EMA reference and a checkpoint after
@@ -107,6 +109,11 @@ def reward(rollout):
     return sum(1 for t in ids if t % 3 == 0) / len(ids)
 
 
+def zero_for_zero_plus(rollout):
+    """``reward``, except that prompts ``0+b=`` always score 0: their groups never vary."""
+    return 0.0 if rollout.prompt.startswith("0+") else reward(rollout)
+
+
 def _state(job: str):
     tokenizer = tiny_tokenizer()
     policy = tiny_model("qwen2", seed=0)
@@ -124,6 +131,8 @@ def _state(job: str):
         config = rp.create_algorithm_config(
             "ppo", num_epochs=2, minibatch_size=6, micro_batch_size=4
         )
+    elif job == "dapo":
+        config = rp.create_algorithm_config("dapo", max_sampling_rounds=3, micro_batch_size=3)
     elif job == "tis":
         config = rp.create_algorithm_config(
             "grpo", loss_agg_mode="token-mean", kl_coef=0.0, tis_cap=2.0, minibatch_size=10,
@@ -132,7 +141,7 @@ def _state(job: str):
     else:
         config = rp.create_algorithm_config("grpo", kl_coef=0.05, micro_batch_size=3)
     value_model = rp.create_value_model(policy) if job == "ppo" else None
-    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp"):
+    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo"):
         params = list(policy.parameters())
         if value_model is not None:
             params += list(value_model.parameters())
@@ -182,12 +191,18 @@ def run_iterations(out_dir: str, job: str) -> None:
     ema = rp.create_ema_updater(0.5) if job == "fsdp" else None
     stats = []
     for iteration in range(ITERATIONS):
+        scored = []  # this rank's rollouts scored in this iteration (dynamic sampling re-scores)
+
+        def counted_reward(rollout, scored=scored):
+            scored.append(rollout.prompt)
+            return zero_for_zero_plus(rollout) if job == "dapo" else reward(rollout)
+
         state, s = rp.training_iteration(
-            state, loader(iteration), gen._replace(seed=gen.seed + iteration), config, reward,
-            engine_generator if job == "tis" else prompt_generator, kl_controller=controller,
-            ref_model_update_fn=ema,
+            state, loader(iteration), gen._replace(seed=gen.seed + iteration), config,
+            counted_reward, engine_generator if job == "tis" else prompt_generator,
+            kl_controller=controller, ref_model_update_fn=ema,
         )
-        stats.append(_clean(s))
+        stats.append({**_clean(s), "local_rollouts_scored": len(scored)})
     _save(out_dir, job, state, stats)
 
 
@@ -266,7 +281,7 @@ def main() -> None:
     out_dir, jobs = sys.argv[1], sys.argv[2:]
     init_distributed(timeout=120)
     for job in jobs:
-        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp"):
+        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo"):
             run_iterations(out_dir, job)
         elif job in ("ckpt_full", "ckpt_resume", "fsdp_ckpt_full", "fsdp_ckpt_resume"):
             run_checkpointed(out_dir, job)
