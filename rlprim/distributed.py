@@ -35,8 +35,8 @@ What happens under ``N > 1`` ranks (``is_distributed()``):
   (``unwrap_model``) to reach the Hugging Face model for log-probs, values and ``generate``.
 * **Checkpoints.** ``save_checkpoint`` gathers every rank's RNG state, rank 0 writes, all ranks
   wait for it; ``load_checkpoint`` is called on every rank (a shared filesystem is assumed).
-* **FSDP2** (``wrap_training_state(state, strategy="fsdp")``). The policy's weights, gradients
-  and optimizer moments are sharded over the ranks (``fully_shard`` per transformer block plus
+* **FSDP2** (``wrap_training_state(state, strategy="fsdp")``). The policy's (and critic's)
+  weights, gradients and optimizer moments are sharded over the ranks (``fully_shard`` per transformer block plus
   the root). Everything above holds, with three differences: gradients are reduce-scattered
   (summed) by FSDP in each backward instead of ``synchronize_gradients``; forwards whose
   number differs by rank (sampling, evaluation, no-grad log-prob passes) run inside
@@ -537,10 +537,17 @@ def _fsdp(module: nn.Module) -> nn.Module:
 
 
 def _rebuilt_optimizer(
-    optimizer: torch.optim.Optimizer, old_names: Mapping[int, str], module: nn.Module
+    optimizer: torch.optim.Optimizer,
+    old_names: Mapping[int, tuple[str, str]],
+    modules: Mapping[str, nn.Module],
 ) -> torch.optim.Optimizer:
-    """The same optimizer class and hyper-parameters over ``module``'s new (sharded) parameters."""
-    new = dict(module.named_parameters())
+    """The same optimizer class and hyper-parameters over the modules' new (sharded)
+    parameters; ``old_names[id(old parameter)] = (module key, parameter name)``."""
+    new = {
+        (key, name): param
+        for key, module in modules.items()
+        for name, param in module.named_parameters()
+    }
     groups = []
     for group in optimizer.param_groups:
         params = [new[old_names[id(p)]] if id(p) in old_names else p for p in group["params"]]
@@ -613,8 +620,8 @@ def wrap_training_state(
     log-prob passes run inside ``gathered_parameters`` (weights gathered once, then any number
     of forwards per rank), ``training_step`` runs the same number of micro-batches on every rank
     (padding with zero-weight ones) and log-probs use the model's own forward (its
-    ``logits_to_keep``) so the root unit's hooks run. Not supported with FSDP: a value model
-    (PPO), the vLLM generator's weight sync.
+    ``logits_to_keep``) so the root unit's hooks run. A value model (PPO's critic) is
+    sharded the same way, in the same rebuilt optimizer.
 
     Without a process group (not launched with ``torchrun``) the state is returned unchanged.
     Idempotent: wrapped modules are not wrapped again.
@@ -626,7 +633,7 @@ def wrap_training_state(
       find_unused_parameters: passed to DDP (only matters for users' own DDP forwards).
     Returns:
       ``state._replace(policy=DDP(policy), value_model=DDP(value_model))``, or with
-      ``"fsdp"`` ``state._replace(policy=fully_shard(policy), optimizer=<rebuilt>)``.
+      ``"fsdp"`` the policy and value model sharded in place and the optimizer rebuilt.
     """
     if not isinstance(state, TrainingState):
         raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
@@ -637,11 +644,6 @@ def wrap_training_state(
             f"state.policy must be a torch.nn.Module, got {type(state.policy).__name__}"
         )
     if strategy == "fsdp":
-        if state.value_model is not None:
-            raise NotImplementedError(
-                "strategy='fsdp' with a value model (PPO's critic) is not supported; use "
-                "strategy='ddp'"
-            )
         if state.scheduler is not None:
             raise ValueError(
                 "strategy='fsdp' replaces the optimizer (FSDP2 makes new parameters): wrap a "
@@ -655,15 +657,25 @@ def wrap_training_state(
     if not (dist.is_available() and dist.is_initialized()):
         return state
     if strategy == "fsdp":
-        policy = unwrap_model(state.policy)
-        old_names = {id(p): name for name, p in policy.named_parameters()}
-        policy = _fsdp(policy)
+        modules = {"policy": unwrap_model(state.policy)}
+        if isinstance(state.value_model, nn.Module):
+            modules["value_model"] = unwrap_model(state.value_model)
+        old_names = {
+            id(p): (key, name)
+            for key, module in modules.items()
+            for name, p in module.named_parameters()
+        }
+        modules = {key: _fsdp(module) for key, module in modules.items()}
         optimizer = state.optimizer
         if optimizer is not None:
-            optimizer = _rebuilt_optimizer(optimizer, old_names, policy)
-        if isinstance(state.ref_model, nn.Module) and state.ref_model is not policy:
+            optimizer = _rebuilt_optimizer(optimizer, old_names, modules)
+        if isinstance(state.ref_model, nn.Module) and state.ref_model is not modules["policy"]:
             broadcast_module(state.ref_model)
-        return state._replace(policy=policy, optimizer=optimizer)
+        return state._replace(
+            policy=modules["policy"],
+            value_model=modules.get("value_model", state.value_model),
+            optimizer=optimizer,
+        )
     info = get_distributed_info()
     policy = _ddp(state.policy, info, find_unused_parameters)
     value_model = state.value_model

@@ -203,15 +203,19 @@ def _full_policy(state: TrainingState) -> Any:
     return copy
 
 
-def _idle_pass(policy: Any, extract: Callable[..., Any], temperature: float) -> None:
+def _idle_pass(
+    policy: Any, value_model: Any, extract: Callable[..., Any], temperature: float
+) -> None:
     """FSDP2: a forward and backward with zero loss on a 2-token input, so this rank joins the
-    all-gathers and reduce-scatters of a micro-batch it does not have (adds 0 gradient)."""
+    all-gathers and reduce-scatters of a micro-batch it does not have (adds 0 gradient). The
+    critic takes part when it is sharded too (its passes must line up as well)."""
     device = next(policy.parameters()).device
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    logprobs = extract(
-        policy, ids, torch.ones_like(ids), temperature=temperature, completion_length=1
-    )
-    (logprobs.sum() * 0.0).backward()
+    mask = torch.ones_like(ids)
+    loss = extract(policy, ids, mask, temperature=temperature, completion_length=1).sum()
+    if is_fsdp_module(value_model):
+        loss = loss + get_values(value_model, ids, mask, 1).sum()
+    (loss * 0.0).backward()
 
 
 def _micro_batches(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
@@ -318,7 +322,7 @@ def training_step(
     with no_sync(state.policy, state.value_model) if parallel else contextlib.nullcontext():
         for index in range(passes):
             if index >= len(micro) or not finite:  # FSDP2 only: keep the collectives in step
-                _idle_pass(state.policy, extract, temperature)
+                _idle_pass(state.policy, state.value_model, extract, temperature)
                 continue
             mb, weight = micro[index], weights[index]
             input_ids, attention_mask = _model_inputs(mb)
@@ -348,8 +352,9 @@ def training_step(
             )
             if not torch.isfinite(loss):
                 finite = False
-                if fsdp:  # the update is skipped on every rank; the passes must still happen
-                    _idle_pass(state.policy, extract, temperature)
+                if fsdp:  # the update is skipped on every rank; this pass's backward must
+                    # still run (its reduce-scatters pair with the other ranks'), NaN or not.
+                    (loss * 0.0).backward()
                     continue
                 break
             if weight and loss.requires_grad:  # a fully masked batch has no graph
@@ -724,7 +729,7 @@ def training_iteration(
         if state.value_model is None:
             raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
         input_ids, attention_mask = _model_inputs(batch)
-        with torch.no_grad():
+        with torch.no_grad(), gathered_parameters(state.value_model):
             values = get_values(
                 state.value_model, input_ids, attention_mask, batch.completion_ids.shape[1], mask
             )

@@ -40,7 +40,7 @@ from rlprim.types import Batch, TrainingState
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
 LAUNCH_TIMEOUT = 400  # seconds for all launches (about a minute of work; CI may be busy)
-EQUIVALENCE_JOBS = ("token_mean", "seq_mean", "ppo", "tis", "fsdp")
+EQUIVALENCE_JOBS = ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "fsdp_ppo")
 
 
 # ------------------------------------------------------------------------------ launching
@@ -513,9 +513,6 @@ def test_wrap_training_state_without_a_process_group_and_unwrap():
     with torch.no_grad():
         rd.copy_into(target.bias, torch.tensor([3.0, 4.0]))
     assert target.bias.tolist() == [3.0, 4.0]
-    with_critic = state._replace(value_model=torch.nn.Linear(2, 1))
-    with pytest.raises(NotImplementedError, match="value model"):
-        rd.wrap_training_state(with_critic, strategy="fsdp")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduled = state._replace(
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1)

@@ -11,6 +11,7 @@ OUT_DIR/<job>_w<world>_r<rank>.json with the per-iteration stats):
   ppo          PPO: critic, GAE, KL in the reward, whitening, 2 epochs of minibatches, SGD.
   tis          GRPO, token-mean, TIS with cap 2 against "engine" log-probs lowered by
                0.2·(token id mod 5) (weights 1 to e^0.8, some cut at 2), 2 epochs, SGD.
+  fsdp_ppo     ppo with the policy and the critic sharded by FSDP2.
   dapo         DAPO with dynamic sampling; prompts "0+b=" always score 0 (uninformative
                groups, re-sampled until max_sampling_rounds), only under torchrun.
   fsdp         token_mean with the policy sharded by FSDP2 (strategy="fsdp") and an EMA
@@ -53,7 +54,6 @@ from rlprim.distributed import (  # noqa: E402
     get_distributed_info,
     init_distributed,
     synchronize_gradients,
-    unwrap_model,
     wrap_training_state,
 )
 from rlprim.logprobs import get_logprobs  # noqa: E402
@@ -127,7 +127,7 @@ def _state(job: str):
             "grpo", loss_agg_mode="seq-mean-token-mean", kl_coef=0.0, whiten_advantages=True,
             minibatch_size=3, num_epochs=2, micro_batch_size=2,
         )
-    elif job == "ppo":
+    elif job in ("ppo", "fsdp_ppo"):
         config = rp.create_algorithm_config(
             "ppo", num_epochs=2, minibatch_size=6, micro_batch_size=4
         )
@@ -140,14 +140,14 @@ def _state(job: str):
         )
     else:
         config = rp.create_algorithm_config("grpo", kl_coef=0.05, micro_batch_size=3)
-    value_model = rp.create_value_model(policy) if job == "ppo" else None
-    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo"):
+    value_model = rp.create_value_model(policy) if job.endswith("ppo") else None
+    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo"):
         params = list(policy.parameters())
         if value_model is not None:
             params += list(value_model.parameters())
         # SGD: the update is linear in the gradient, so any error in the gradient's
         # normalisation shows in the weights (Adam's first step only sees its sign).
-        optimizer = torch.optim.SGD(params, lr=0.1 if job == "ppo" else 0.5)
+        optimizer = torch.optim.SGD(params, lr=0.1 if job.endswith("ppo") else 0.5)
         state = rp.create_training_state(
             policy, tokenizer, config, optimizer=optimizer, value_model=value_model
         )
@@ -163,10 +163,7 @@ def _save(out_dir: str, job: str, state, stats: list[dict]) -> None:
     tensors = {f"policy.{k}": v.detach().clone() for k, v in full_state_dict(state.policy).items()}
     if state.value_model is not None:
         tensors.update(
-            {
-                f"value.{k}": v.detach().clone()
-                for k, v in unwrap_model(state.value_model).named_parameters()
-            }
+            {f"value.{k}": v.detach().clone() for k, v in full_state_dict(state.value_model).items()}
         )
     save_file(tensors, stem + ".safetensors")
     with open(stem + ".json", "w") as file:
@@ -281,7 +278,7 @@ def main() -> None:
     out_dir, jobs = sys.argv[1], sys.argv[2:]
     init_distributed(timeout=120)
     for job in jobs:
-        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo"):
+        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo"):
             run_iterations(out_dir, job)
         elif job in ("ckpt_full", "ckpt_resume", "fsdp_ckpt_full", "fsdp_ckpt_resume"):
             run_checkpointed(out_dir, job)
