@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     failing_dir = tmp_path_factory.mktemp("dist_fail")
     running = {
         "distributed": _torchrun(out, "distributed.log", *EQUIVALENCE_JOBS, "ckpt_full",
-                                 "fsdp_ckpt_full", "dapo", "collectives"),
+                                 "fsdp_ckpt_full", "dapo", "nan", "fsdp_nan", "collectives"),
         "single": _single(out, "single.log", *EQUIVALENCE_JOBS),
         "fail": _torchrun(failing_dir, "fail.log", "fail"),
     }
@@ -223,6 +223,22 @@ def test_checkpoint_from_two_ranks_resumes_exactly_on_two_ranks(runs):
     for key in ("loss", "reward_mean", "kl", "grad_norm", "num_tokens"):
         assert resumed_stats[key] == last[key]
     assert _stats(out, "ckpt_full", 2, 1)["stats"] == []  # only rank 0 logs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["nan", "fsdp_nan"])
+def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank(runs, job):
+    _ok(runs, "distributed")
+    out = runs["out"]
+    for rank in (0, 1):
+        before, after = _weights(out, f"{job}_it0", 2, rank), _weights(out, f"{job}_it1", 2, rank)
+        assert all(torch.equal(before[name], after[name]) for name in before), rank
+        final = _weights(out, job, 2, rank)
+        assert any(not torch.equal(after[name], final[name]) for name in after)  # later: trains
+    stats0, stats1 = _stats(out, job, 2, 0), _stats(out, job, 2, 1)
+    assert stats0 == stats1
+    assert [s["skipped_updates"] for s in stats0["stats"]] == [0, 1, 0]
+    assert math.isnan(stats0["stats"][1]["loss"])
 
 
 @pytest.mark.slow

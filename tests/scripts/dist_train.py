@@ -12,6 +12,8 @@ OUT_DIR/<job>_w<world>_r<rank>.json with the per-iteration stats):
   tis          GRPO, token-mean, TIS with cap 2 against "engine" log-probs lowered by
                0.2·(token id mod 5) (weights 1 to e^0.8, some cut at 2), 2 epochs, SGD.
   fsdp_ppo     ppo with the policy and the critic sharded by FSDP2.
+  nan, fsdp_nan  GRPO (DDP / FSDP2) whose loss is NaN on rank 1 in the second iteration:
+               every rank must skip that update (weights after it saved as <job>_it1).
   dapo         DAPO with dynamic sampling; prompts "0+b=" always score 0 (uninformative
                groups, re-sampled until max_sampling_rounds), only under torchrun.
   fsdp         token_mean with the policy sharded by FSDP2 (strategy="fsdp") and an EMA
@@ -109,6 +111,17 @@ def reward(rollout):
     return sum(1 for t in ids if t % 3 == 0) / len(ids)
 
 
+POISON = {"on": False}  # the nan jobs: set around the iteration whose loss rank 1 poisons
+
+
+def nan_on_rank_one(batch, new_logprobs, config, **extras):
+    """The registry's loss, times NaN on rank 1 while ``POISON["on"]``."""
+    loss, metrics = rp.ALGORITHMS[config.name].loss_fn(batch, new_logprobs, config, **extras)
+    if POISON["on"] and get_distributed_info().rank == 1:
+        loss = loss * float("nan")
+    return loss, metrics
+
+
 def zero_for_zero_plus(rollout):
     """``reward``, except that prompts ``0+b=`` always score 0: their groups never vary."""
     return 0.0 if rollout.prompt.startswith("0+") else reward(rollout)
@@ -117,7 +130,7 @@ def zero_for_zero_plus(rollout):
 def _state(job: str):
     tokenizer = tiny_tokenizer()
     policy = tiny_model("qwen2", seed=0)
-    if job in ("token_mean", "fsdp"):
+    if job in ("token_mean", "fsdp", "nan", "fsdp_nan"):
         config = rp.create_algorithm_config(
             "grpo", loss_agg_mode="token-mean", kl_coef=0.05, scale_rewards="batch",
             micro_batch_size=3,
@@ -141,7 +154,8 @@ def _state(job: str):
     else:
         config = rp.create_algorithm_config("grpo", kl_coef=0.05, micro_batch_size=3)
     value_model = rp.create_value_model(policy) if job.endswith("ppo") else None
-    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo"):
+    if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo", "nan",
+               "fsdp_nan"):
         params = list(policy.parameters())
         if value_model is not None:
             params += list(value_model.parameters())
@@ -194,12 +208,16 @@ def run_iterations(out_dir: str, job: str) -> None:
             scored.append(rollout.prompt)
             return zero_for_zero_plus(rollout) if job == "dapo" else reward(rollout)
 
+        POISON["on"] = job.endswith("nan") and iteration == 1
         state, s = rp.training_iteration(
             state, loader(iteration), gen._replace(seed=gen.seed + iteration), config,
             counted_reward, engine_generator if job == "tis" else prompt_generator,
             kl_controller=controller, ref_model_update_fn=ema,
+            loss_fn=nan_on_rank_one if job.endswith("nan") else None,
         )
         stats.append({**_clean(s), "local_rollouts_scored": len(scored)})
+        if job.endswith("nan") and iteration in (0, 1):
+            _save(out_dir, f"{job}_it{iteration}", state, stats)
     _save(out_dir, job, state, stats)
 
 
@@ -278,7 +296,8 @@ def main() -> None:
     out_dir, jobs = sys.argv[1], sys.argv[2:]
     init_distributed(timeout=120)
     for job in jobs:
-        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo"):
+        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo", "nan",
+                   "fsdp_nan"):
             run_iterations(out_dir, job)
         elif job in ("ckpt_full", "ckpt_resume", "fsdp_ckpt_full", "fsdp_ckpt_resume"):
             run_checkpointed(out_dir, job)
