@@ -226,15 +226,21 @@ def distributed_context(
     """``with distributed_context() as info:`` — ``init_distributed`` then, on exit (also on an
     exception), ``destroy_distributed`` if this context created the group.
 
-    Without ``torchrun`` it yields the single-process ``DistributedInfo`` and does nothing else,
-    so the same script runs as one process or as N ranks."""
+    On a normal exit the ranks first meet at a ``barrier``, so none tears its group down while
+    a peer is still finishing a collective with it. Without ``torchrun`` it yields the
+    single-process ``DistributedInfo`` and does nothing else, so the same script runs as one
+    process or as N ranks."""
     created = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(backend, timeout)
     try:
         yield info
-    finally:
+    except BaseException:
         if created:
-            destroy_distributed()
+            destroy_distributed()  # no barrier: the other ranks may never get there
+        raise
+    if created:
+        barrier()
+        destroy_distributed()
 
 
 def is_distributed() -> bool:

@@ -38,7 +38,9 @@ rebuilds it exactly)::
 A scalar reward travels as a number, a vector reward as a list of numbers (NaN/±inf as
 ``to_dict``'s tagged floats, so a bad reward reaches ``compute_batch_rewards``'s checks
 unchanged). The server scores a request with ``reward_fn.batched(rollouts)`` once when the
-function carries ``.batched`` (``create_batched_reward_fn``), else ``reward_fn`` per rollout. An
+function carries ``.batched`` (``create_batched_reward_fn``), else ``reward_fn`` per rollout;
+likewise ``env_fn.batched(conversations)``. Multi-turn rollouts send one ``/env`` request per
+turn for all the conversations awaiting an answer (``remote_env_fn`` has ``.batched``). An
 environment step is stateless on the server: the conversation carries the whole episode, so any
 replica can answer any step and a retried step gives the same answer. ``max_concurrency``
 (default 1) bounds how many requests run the function at once (a reward model is rarely
@@ -321,10 +323,21 @@ def _step_request(env_fn: Callable[..., Any], payload: object) -> tuple[int, dic
     conversations = _decode_items(payload, "conversations", Conversation)
     if isinstance(conversations, str):
         return 400, {"error": conversations, "index": None}
+    batched = getattr(env_fn, "batched", None)
+    if batched is not None:  # one call for the whole request, as for a batched reward
+        try:
+            raw = batched(conversations)
+            if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
+                raise TypeError(f"env_fn.batched must return a list, got {type(raw).__name__}")
+            if len(raw) != len(conversations):
+                raise ValueError(f"env_fn.batched returned {len(raw)} answers for "
+                                 f"{len(conversations)} conversations")
+        except Exception as error:
+            return 500, {"rlprim_error": True, **_function_error(error, None)._asdict()}
     answers: list[Any] = []
     for index, conversation in enumerate(conversations):
         try:
-            messages = _as_messages(env_fn(conversation))
+            messages = _as_messages(env_fn(conversation) if batched is None else raw[index])
         except Exception as error:
             return 500, {"rlprim_error": True, **_function_error(error, index)._asdict()}
         answers.append(None if messages is None else [to_dict(m) for m in messages])
@@ -397,8 +410,10 @@ def create_env_app(
 
     ``env_fn(conversation) -> Sequence[Message] | None`` is the environment's answer after a
     model turn (``None`` or no messages: the episode is over), as ``create_multiturn_rollout``
-    calls it. Each conversation of a request is answered independently; messages may be
-    ``Message`` records or ``{"role", "content", ...}`` dicts.
+    calls it. Each conversation of a request is answered independently — by one call of
+    ``env_fn.batched(conversations)`` for the whole request when ``env_fn`` carries it (a
+    simulated user that batches its own model), else by ``env_fn`` per conversation; messages
+    may be ``Message`` records or ``{"role", "content", ...}`` dicts.
 
     Args:
       env_fn: the environment step function.
@@ -410,8 +425,11 @@ def create_env_app(
       ImportError: FastAPI is not installed (``pip install 'rlprim[remote]'``).
     """
     _check_callable("env_fn", env_fn)
+    batched = getattr(env_fn, "batched", None)
+    if batched is not None:
+        _check_callable("env_fn.batched", batched)
     max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
-    return _create_app("env", env_fn, max_concurrency, False)
+    return _create_app("env", env_fn, max_concurrency, batched is not None)
 
 
 def _bind(host: str, port: int) -> socket.socket:

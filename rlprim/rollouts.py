@@ -702,10 +702,10 @@ def _tool_message(call: ToolCall) -> Message:
     return Message("tool", content, name=call.name or None)
 
 
-def _advance(
-    trajectory: _Trajectory, generation: Generation, turn: int, settings: _TurnSettings
+def _append_model_turn(
+    trajectory: _Trajectory, generation: Generation, settings: _TurnSettings
 ) -> _Trajectory:
-    """Appends one model turn and the environment's answer, or ends the episode."""
+    """Appends one model turn; ends the episode when ``stop_condition`` says so."""
     sampled = tuple(int(t) for t in generation.token_ids)
     logprobs = None
     if trajectory.logprobs is not None and generation.logprobs is not None:
@@ -723,10 +723,27 @@ def _advance(
         settings.stop_condition(Conversation(messages))
     ):
         return trajectory._replace(finish_reason="stop_condition")
+    return trajectory
 
+
+_ASK_ENV = object()  # _answer_turn: call settings.env_fn itself (no batched answer given)
+
+
+def _answer_turn(
+    trajectory: _Trajectory, turn: int, settings: _TurnSettings, env_answer: Any = _ASK_ENV
+) -> _Trajectory:
+    """After a model turn: the environment's (or the tools') answer, or the episode's end.
+
+    ``env_answer`` is ``env_fn``'s answer when it was already asked in a batch."""
+    generation = trajectory.generation
+    assert generation is not None
+    sampled = tuple(int(t) for t in generation.token_ids)
+    messages, logprobs = trajectory.messages, trajectory.logprobs
     calls: list[ToolCall] = []
     if settings.env_fn is not None:
-        new_messages = settings.env_fn(Conversation(messages))
+        new_messages = (
+            settings.env_fn(Conversation(messages)) if env_answer is _ASK_ENV else env_answer
+        )
         if new_messages is not None and (
             isinstance(new_messages, (str, bytes, Mapping))
             or not isinstance(new_messages, Sequence)
@@ -770,6 +787,29 @@ def _advance(
         tool_calls=trajectory.tool_calls + tuple(calls),
         budget=budget,
     )
+
+
+def _batched_env_answers(
+    env_fn: Any, trajectories: Sequence[_Trajectory]
+) -> list[Any] | None:
+    """``env_fn.batched`` over the conversations awaiting an answer this turn (one call, e.g.
+    one request to an environment server), or ``None`` when ``env_fn`` has no ``.batched``."""
+    batched = getattr(env_fn, "batched", None)
+    if env_fn is None or batched is None or not trajectories:
+        return None
+    _check_callable("env_fn.batched", batched)
+    answers = batched([Conversation(t.messages) for t in trajectories])
+    if isinstance(answers, (str, bytes, Mapping)) or not isinstance(answers, Sequence):
+        raise TypeError(
+            f"env_fn.batched must return a list (one answer per conversation), got "
+            f"{type(answers).__name__}"
+        )
+    if len(answers) != len(trajectories):
+        raise ValueError(
+            f"env_fn.batched returned {len(answers)} answers for {len(trajectories)} "
+            "conversations"
+        )
+    return list(answers)
 
 
 def _to_rollout(trajectory: _Trajectory, tool_budget: int | None) -> Rollout:
@@ -871,7 +911,9 @@ def create_batch_multiturn_rollouts(
         it must accept token-id prompts (``hf_generator`` is served by a token-id path here).
       tools: the tool set (default ``rlprim.tools.DEFAULT_TOOLS``), or one per conversation.
       env_fn: ``fn(conversation) -> Sequence[Message] | None``, the environment's answer after a
-        model turn, replacing the tool step (e.g. a simulated user).
+        model turn, replacing the tool step (e.g. a simulated user). When it carries
+        ``env_fn.batched(conversations) -> list[answer]`` (``remote_env_fn`` does), each turn
+        asks it once for all the conversations awaiting an answer, in order.
       ref_model: a frozen reference model or ``None``.
       kl_estimator: ``"k1"``, ``"k2"``, ``"k3"``, ``"low_var"`` or a ``KLFn``.
       template_fn: ``fn(messages: list[dict], add_generation_prompt) -> str`` replacing the
@@ -939,7 +981,12 @@ def create_batch_multiturn_rollouts(
         generations = _check_generations(
             call_generator(model, tokenizer, prompts, turn_config), len(live))
         for i, generation in zip(live, generations, strict=True):
-            trajectories[i] = _advance(trajectories[i], generation, turn, settings)
+            trajectories[i] = _append_model_turn(trajectories[i], generation, settings)
+        waiting = [i for i in live if trajectories[i].finish_reason is None]
+        answers = _batched_env_answers(env_fn, [trajectories[i] for i in waiting])
+        for position, i in enumerate(waiting):
+            answer = _ASK_ENV if answers is None else answers[position]
+            trajectories[i] = _answer_turn(trajectories[i], turn, settings, answer)
 
     rollouts = [_to_rollout(t, tool_budget) for t in trajectories]
     if ref_model is not None:

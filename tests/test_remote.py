@@ -473,6 +473,24 @@ def test_multiturn_rollouts_with_a_remote_env_equal_the_local_ones(serve, model,
     assert remote_rollouts == local  # ids, masks, log-probs, conversations: all equal
     single = create_multiturn_rollout(model, tokenizer, "b", config, env_fn=remote, max_turns=4)
     assert single.completion_ids == local[1].completion_ids
+
+    # One request per turn for all the conversations awaiting an answer (remote_env_fn's
+    # .batched), not one per conversation: the server sees 3, 2, 1, 1 conversations.
+    sizes: list[int] = []
+
+    def recorded_env(conversation):
+        return countdown_env(conversation)
+
+    def recorded_batch(conversations):
+        sizes.append(len(conversations))
+        return [countdown_env(c) for c in conversations]
+
+    recorded_env.batched = recorded_batch
+    recorded = serve("env", recorded_env)
+    again = create_batch_multiturn_rollouts(model, tokenizer, ["a", "b", "c"], config,
+                                            env_fn=remote_env_fn(recorded.url, timeout=10.0),
+                                            max_turns=4)
+    assert again == local and sizes == [3, 2, 1, 1]
     assert single.conversation == local[1].conversation
 
     # .batched answers many conversations in order, None / [] / messages as the local env.
@@ -504,6 +522,30 @@ def test_env_errors_name_the_conversation(serve):
     with pytest.raises(RuntimeError, match=r"env raised on the conversation: TypeError: env_fn "
                                            r"must return a list of Message or None, got str"):
         remote(weird)
+
+
+def test_an_env_with_batched_is_served_one_call_per_request(serve):
+    calls: list[int] = []
+
+    def env(conversation):
+        raise AssertionError("the server must use env.batched")
+
+    def batched(conversations):
+        calls.append(len(conversations))
+        return [None if len(c.messages) > 1 else [Message("user", "go")] for c in conversations]
+
+    env.batched = batched
+    server = serve("env", env)
+    assert wait_for_server(server.url)["batched"] is True
+    one = Conversation((Message("user", "hi"),))
+    two = Conversation((Message("user", "hi"), Message("assistant", "yo")))
+    assert remote_env_fn(server.url).batched([one, two, one]) == [
+        [Message("user", "go")], None, [Message("user", "go")]
+    ]
+    assert calls == [3]
+    env.batched = lambda conversations: [None]
+    with pytest.raises(RuntimeError, match="returned 1 answers for 2 conversations"):
+        remote_env_fn(server.url).batched([one, two])
 
 
 # =========================================================================== training

@@ -254,6 +254,45 @@ def test_batched_multiturn_equals_alone_with_greedy_hf_generator(model, tokenize
         np.testing.assert_allclose(alone.logprobs, rollout.logprobs, atol=1e-4)
 
 
+def test_an_env_with_batched_is_asked_once_per_turn_for_all_waiting_conversations(
+    model, tokenizer
+):
+    replies = {"a": 1, "b": 4, "c": 2}
+
+    def user_env(conversation):
+        wanted = replies[conversation.messages[0].content]
+        turns = sum(m.role == "assistant" for m in conversation.messages)
+        return [Message("user", f"more {turns}")] if turns <= wanted else None
+
+    requests = []
+
+    def batched(conversations):
+        requests.append([c.messages[0].content for c in conversations])
+        return [user_env(c) for c in conversations]
+
+    def env_with_batched(conversation):
+        raise AssertionError("the per-conversation env must not be called when .batched exists")
+
+    env_with_batched.batched = batched
+    config = GenerationConfig(max_new_tokens=5, do_sample=False)
+    plain = create_batch_multiturn_rollouts(
+        model, tokenizer, list(replies), config, env_fn=user_env, max_turns=4)
+    batched_rollouts = create_batch_multiturn_rollouts(
+        model, tokenizer, list(replies), config, env_fn=env_with_batched, max_turns=4)
+    assert batched_rollouts == plain
+    # Turn 1 asks for all three; "a" is done after turn 2, "c" after turn 3; "b" runs to the end.
+    assert requests == [["a", "b", "c"], ["a", "b", "c"], ["b", "c"], ["b"]]
+
+    env_with_batched.batched = lambda conversations: [None]  # one answer for several
+    with pytest.raises(ValueError, match="returned 1 answers for 3 conversations"):
+        create_batch_multiturn_rollouts(
+            model, tokenizer, list(replies), config, env_fn=env_with_batched, max_turns=4)
+    env_with_batched.batched = lambda conversations: None
+    with pytest.raises(TypeError, match="must return a list"):
+        create_batch_multiturn_rollouts(
+            model, tokenizer, list(replies), config, env_fn=env_with_batched, max_turns=4)
+
+
 def always_calls(calls_per_turn):
     def reply(text):
         return "".join(calc_call(f"{i}+1") for i in range(calls_per_turn))

@@ -51,10 +51,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 import rlprim as rp  # noqa: E402
 from rlprim.distributed import (  # noqa: E402
+    distributed_context,
     full_state_dict,
     gather_rows,
     get_distributed_info,
-    init_distributed,
     synchronize_gradients,
     wrap_training_state,
 )
@@ -294,19 +294,21 @@ def run_collectives(out_dir: str) -> None:
 
 def main() -> None:
     out_dir, jobs = sys.argv[1], sys.argv[2:]
-    init_distributed(timeout=120)
-    for job in jobs:
-        if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo", "nan",
-                   "fsdp_nan"):
-            run_iterations(out_dir, job)
-        elif job in ("ckpt_full", "ckpt_resume", "fsdp_ckpt_full", "fsdp_ckpt_resume"):
-            run_checkpointed(out_dir, job)
-        elif job == "fail":
-            run_failing(out_dir)
-        elif job == "collectives":
-            run_collectives(out_dir)
-        else:
-            raise SystemExit(f"unknown job {job!r}")
+    # The context destroys the process group on the way out: leaving it to interpreter
+    # shutdown can abort the process ("terminate called without an active exception").
+    with distributed_context(timeout=120):
+        for job in jobs:
+            if job in ("token_mean", "seq_mean", "ppo", "tis", "fsdp", "dapo", "fsdp_ppo",
+                       "nan", "fsdp_nan"):
+                run_iterations(out_dir, job)
+            elif job in ("ckpt_full", "ckpt_resume", "fsdp_ckpt_full", "fsdp_ckpt_resume"):
+                run_checkpointed(out_dir, job)
+            elif job == "fail":
+                run_failing(out_dir)
+            elif job == "collectives":
+                run_collectives(out_dir)
+            else:
+                raise SystemExit(f"unknown job {job!r}")
 
 
 if __name__ == "__main__":
