@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -664,18 +665,34 @@ def test_load_model_bad_config():
         load_tokenizer("x", padding_side="middle")
 
 
-def test_load_model_lora_without_peft_explains_install():
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        config = ModelConfig("x", lora={"r": 4, "target_modules": ["q_proj"]})
-        with pytest.raises(ImportError, match=r"pip install rlprim\[peft\]"):
-            load_model(config, model_loader=lambda name, **kw: tiny_model("qwen2"))
-    else:
-        config = ModelConfig("x", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
-        model = load_model(config, model_loader=lambda name, **kw: tiny_model("qwen2"))
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert trainable and all("lora" in n for n in trainable)
+def test_load_model_lora_without_peft_explains_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails
+    config = ModelConfig("x", lora={"r": 4, "target_modules": ["q_proj"]})
+    with pytest.raises(ImportError, match=r"pip install rlprim\[peft\]"):
+        load_model(config, model_loader=lambda name, **kw: tiny_model("qwen2"))
+
+
+def test_load_model_lora_trains_only_the_adapters():
+    pytest.importorskip("peft", reason="peft is in the dev extra")
+    config = ModelConfig("x", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    base = tiny_model("qwen2")
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = load_model(config, model_loader=lambda name, **kw: base)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # An optimizer step on a real loss moves the adapters only.
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    optimizer.step()
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    for name, value in frozen.items():
+        # peft keeps a wrapped layer's weight as `<layer>.base_layer.weight`.
+        merged = [n for n in after if n.replace(".base_layer", "").endswith("." + name)
+                  and "lora_" not in n]
+        assert len(merged) == 1 and torch.equal(after[merged[0]].detach(), value), name
 
 
 def test_resolve_model_path(tmp_path, monkeypatch):

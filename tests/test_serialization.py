@@ -4,6 +4,7 @@ files, and the exact replay of a saved batch's loss."""
 from __future__ import annotations
 
 import base64
+import collections
 import collections.abc
 import json
 import math
@@ -705,8 +706,22 @@ def run():
 
     rollouts = create_batch_rollouts(policy, tokenizer, prompts, gen, ref_model=ref,
                                      reward_fn=reward_fn)
-    value_model = create_value_model(policy)
-    return policy, tokenizer, rollouts, value_model
+    # Sampled rewards can tie across a whole group (then every advantage, and the loss, is
+    # exactly 0), so each sample's reward is fixed by its position in its group instead.
+    position = collections.Counter()
+    fixed = []
+    for r in rollouts:
+        fixed.append(r._replace(rewards=[0.0, 0.25, 1.0, 0.5][position[r.group_id] % 4]))
+        position[r.group_id] += 1
+    # The loss is taken under a learner a small step away from the sampler, so ratios are not 1
+    # and no term cancels exactly (equal lengths and ratio 1 make a policy-gradient loss 0).
+    learner = tiny_model(seed=0)
+    with torch.no_grad():
+        noise = torch.Generator().manual_seed(7)
+        for p in learner.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=noise))
+    value_model = create_value_model(learner)
+    return learner, tokenizer, fixed, value_model
 
 
 def reference_loss(rollouts, policy, tokenizer, config, value_model):

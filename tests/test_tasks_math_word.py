@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from fractions import Fraction
 
 import pytest
@@ -177,12 +178,31 @@ def test_math_answers_equal_fallback(predicted, expected, equal):
     assert math_answers_equal(predicted, expected, use_math_verify=False) is equal
 
 
-@pytest.mark.skipif(HAS_MATH_VERIFY, reason="checks the behaviour without math-verify")
-def test_without_math_verify_auto_uses_fallback_and_true_raises():
+def test_without_math_verify_auto_uses_fallback_and_true_raises(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # `import math_verify` now fails
     assert math_answers_equal("0.5", "1/2") is True
     assert math_answers_equal("3", "4") is False
     with pytest.raises(ImportError, match="math-verify"):
         math_answers_equal("1", "1", use_math_verify=True)
+    assert math_answers_equal("\\sqrt{4}", "2") is False  # the fallback reads no LaTeX
+
+
+@pytest.mark.skipif(not HAS_MATH_VERIFY, reason="math-verify is in the dev extra")
+@pytest.mark.parametrize(
+    "predicted, expected, symbolic, fallback",
+    [
+        ("(x+1)^2", "x^2+2x+1", True, False),
+        ("\\sqrt{4}", "2", True, False),
+        ("\\{1,2\\}", "\\{2,1\\}", True, False),
+        ("$\\frac{1}{2}$", "0.5", True, True),
+        ("3", "4", False, False),
+        ("Paris", " paris ", True, True),  # math_verify finds nothing: the fallback decides
+    ],
+)
+def test_math_verify_decides_symbolic_equality(predicted, expected, symbolic, fallback):
+    assert math_answers_equal(predicted, expected, use_math_verify=True) is symbolic
+    assert math_answers_equal(predicted, expected) is symbolic  # auto: installed, so used
+    assert math_answers_equal(predicted, expected, use_math_verify=False) is fallback
 
 
 def test_math_answers_equal_argument_errors():

@@ -178,6 +178,11 @@ def _normalise_string(text: str) -> str:
     return _strip_decorations(text).lower()
 
 
+def _as_latex(text: str) -> str:
+    """``text`` between ``$`` delimiters unless it already has some."""
+    return text if "$" in text or "\\(" in text or "\\[" in text else f"${text}$"
+
+
 def _math_verify_equal(expected: str, predicted: str) -> bool | None:
     """``math_verify``'s verdict, or ``None`` when it is not installed or fails on the input."""
     try:
@@ -185,7 +190,8 @@ def _math_verify_equal(expected: str, predicted: str) -> bool | None:
     except ImportError:
         return None
     try:
-        gold, answer = parse(expected), parse(predicted)
+        # math_verify reads LaTeX only between delimiters; extracted answers are bare.
+        gold, answer = parse(_as_latex(expected)), parse(_as_latex(predicted))
         if not gold or not answer:
             return None
         return bool(verify(gold, answer))
