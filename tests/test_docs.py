@@ -1,9 +1,14 @@
 """The documents are true to the code: their code runs, they name every public function, and
 the generated API reference is current.
 
-Code blocks. Every fenced block tagged ``python`` in ARCHITECTURE.md and README.md is executed,
-except a block whose preceding non-blank line is an HTML comment ``<!-- not-run: <reason> -->``
-(the reason is required). The blocks of one document run **in order in one shared namespace**,
+Code blocks. Every fenced block tagged ``python`` in README.md, ARCHITECTURE.md, UTILITIES.md
+and EXAMPLES.md is executed, except an *excerpt*: a block whose preceding non-blank line is an
+HTML comment ``<!-- excerpt: <path> -->``. An excerpt is the exact text of that file, which a
+test runs (an example script, which tests/test_examples.py runs, or a test file): lines equal to
+``# ...`` cut it into chunks, and each chunk must be a contiguous run of the file's lines
+(indentation shifted as a whole), the chunks in the file's order. So an excerpt cannot drift from
+code that runs. No python block may be skipped otherwise (``<!-- not-run: reason -->`` is kept
+for other languages only). The blocks of one document run **in order in one shared namespace**,
 like the cells of a notebook, so a block may use names that earlier blocks of the same document
 defined; each document starts from a fresh namespace in a fresh temporary working directory
 (files the blocks write land there). The environment has ``HF_HUB_OFFLINE=1`` (tests/conftest.py):
@@ -37,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("ARCHITECTURE.md", "README.md", "UTILITIES.md", "EXAMPLES.md")
 FENCE = re.compile(r"^```(\S*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(.*?)\s*-->$")
+EXCERPT = re.compile(r"^<!--\s*excerpt:\s*(\S+)\s*-->$")
+ELISION = "# ..."
 
 
 class CodeBlock(NamedTuple):
@@ -44,6 +51,7 @@ class CodeBlock(NamedTuple):
     source: str
     line: int  # 1-based line of the opening fence
     not_run_reason: str | None
+    excerpt_of: str | None = None  # a path relative to the repository root
 
 
 def read(name: str) -> str:
@@ -69,13 +77,15 @@ def code_blocks(text: str) -> list[CodeBlock]:
         previous = start - 1
         while previous >= 0 and not lines[previous].strip():
             previous -= 1
-        marker = NOT_RUN.match(lines[previous].strip()) if previous >= 0 else None
+        marker = lines[previous].strip() if previous >= 0 else ""
+        not_run, excerpt = NOT_RUN.match(marker), EXCERPT.match(marker)
         blocks.append(
             CodeBlock(
                 language=opening.group(1),
                 source="\n".join(lines[start + 1 : i]) + "\n",
                 line=start + 1,
-                not_run_reason=marker.group(1) if marker else None,
+                not_run_reason=not_run.group(1) if not_run else None,
+                excerpt_of=excerpt.group(1) if excerpt else None,
             )
         )
         i += 1
@@ -121,13 +131,101 @@ def test_every_block_names_its_language_and_every_skip_gives_a_reason(document):
     assert no_reason == [], f"{document}: not-run markers without a reason before lines {no_reason}"
 
 
+def _chunks(lines: list[str]) -> list[list[str]]:
+    """The block's lines cut at ``# ...`` elisions, blank lines at each chunk's ends dropped."""
+    chunks, current = [], []
+    for line in [*lines, ELISION]:
+        if line.strip() == ELISION:
+            while current and not current[-1].strip():
+                current.pop()
+            while current and not current[0].strip():
+                current.pop(0)
+            if current:
+                chunks.append(current)
+            current = []
+        else:
+            current.append(line)
+    return chunks
+
+
+def _find_chunk(chunk: list[str], source: list[str], start: int) -> int | None:
+    """The first index ≥ ``start`` where ``chunk`` is a contiguous run of ``source``, every
+    line shifted right by the same indentation; ``None`` if there is none."""
+    first = chunk[0]
+    for i in range(start, len(source) - len(chunk) + 1):
+        if not source[i].endswith(first) or source[i][: len(source[i]) - len(first)].strip():
+            continue
+        indent = source[i][: len(source[i]) - len(first)]
+        if all(
+            (source[i + j] == indent + line) if line.strip() else not source[i + j].strip()
+            for j, line in enumerate(chunk)
+        ):
+            return i
+    return None
+
+
+def excerpt_mismatch(block_source: str, file_source: str) -> str | None:
+    """Why ``block_source`` is not an exact excerpt of ``file_source`` (``None`` if it is)."""
+    chunks = _chunks(block_source.splitlines())
+    if not chunks:
+        return "the excerpt is empty"
+    source, position = file_source.splitlines(), 0
+    for chunk in chunks:
+        found = _find_chunk(chunk, source, position)
+        if found is None:
+            return f"the lines starting {chunk[0].strip()!r} are not a contiguous run of the file there"
+        position = found + len(chunk)
+    return None
+
+
+def files_run_by_tests() -> set[str]:
+    """Paths (from the root) of files some test executes: every example script (tests/
+    test_examples.py checks it runs them all) and the test files themselves."""
+    return {
+        *(f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py")),
+        *(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")),
+    }
+
+
+def test_excerpt_check_accepts_exact_text_and_catches_drift():
+    source = "def main():\n    a = 1\n    b = 2\n\n    c = a + b\n    return c\n"
+    assert excerpt_mismatch("a = 1\nb = 2\n", source) is None  # dedented as a whole
+    assert excerpt_mismatch("a = 1\n# ...\nreturn c\n", source) is None
+    assert excerpt_mismatch("a = 1\nc = a + b\n", source) is not None  # a silent gap
+    assert excerpt_mismatch("a = 1\nb = 3\n", source) is not None  # a changed value
+    assert excerpt_mismatch("c = a + b\n# ...\na = 1\n", source) is not None  # reordered
+    assert excerpt_mismatch("a = 1\n  b = 2\n", source) is not None  # re-indented line
+    blocks = code_blocks("<!-- excerpt: examples/x.py -->\n```python\na = 1\n```\n")
+    assert blocks[0].excerpt_of == "examples/x.py" and blocks[0].not_run_reason is None
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_python_block_runs_or_is_an_exact_excerpt_of_code_that_runs(document):
+    run_by_tests = files_run_by_tests()
+    problems = []
+    for block in code_blocks(read(document)):
+        if block.language != "python":
+            continue
+        if block.not_run_reason is not None:
+            problems.append(f"line {block.line}: a python block may not be not-run")
+        elif block.excerpt_of is not None:
+            if block.excerpt_of not in run_by_tests:
+                problems.append(f"line {block.line}: {block.excerpt_of} is not a file tests run")
+                continue
+            why = excerpt_mismatch(block.source, (ROOT / block.excerpt_of).read_text("utf-8"))
+            if why:
+                problems.append(f"line {block.line}: not an excerpt of {block.excerpt_of}: {why}")
+    assert problems == [], f"{document}:\n" + "\n".join(problems)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_python_blocks_run_in_order_in_one_namespace(document, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs:{document}"}
     runnable = [
-        b for b in code_blocks(read(document)) if b.language == "python" and not b.not_run_reason
+        b for b in code_blocks(read(document))
+        if b.language == "python" and not b.not_run_reason and not b.excerpt_of
     ]
     assert runnable, f"{document} has no runnable python block"
     for block in runnable:
