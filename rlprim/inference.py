@@ -30,7 +30,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -502,27 +502,38 @@ def _hf_generation_config(config: GenerationConfig, pad_id: int, eos_ids: list[i
     )
 
 
-def _create_logprob_recorder(temperature: float) -> tuple[Callable[..., torch.Tensor], dict]:
+class _LogprobRecorder(NamedTuple):
     """A logits processor that records ``log softmax(logits / T)[sampled token]`` each step.
 
     It runs before top-k / top-p (transformers applies user processors before its warpers), so
     it sees the raw logits. It returns ``logits / T`` for the warpers (this *is* the
-    temperature step) and keeps that ``[N, V]`` tensor and its logsumexp ``[N]``. The next call
-    sees the token sampled from it as ``input_ids[:, -1]`` and stores its log-prob; the last
-    token is resolved after ``generate`` returns. Extra memory: one ``[N, V]`` step, not the
-    ``[steps, N, V]`` that ``output_logits=True`` would keep.
-    """
-    state: dict[str, Any] = {"scaled": None, "lse": None, "logprobs": []}
+    temperature step) and keeps that ``[N, V]`` tensor and its logsumexp ``[N]`` in ``state``.
+    The next call sees the token sampled from it as ``input_ids[:, -1]`` and stores its
+    log-prob; the last token is resolved after ``generate`` returns. Extra memory: one
+    ``[N, V]`` step, not the ``[steps, N, V]`` that ``output_logits=True`` would keep.
 
-    def record(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    A callable NamedTuple rather than a closure: transformers reads each processor's
+    ``__call__`` signature at every decoding step, which costs a plain function's
+    ``method-wrapper`` several times more than a Python method.
+    """
+
+    temperature: float
+    state: dict
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        state = self.state
         if state["scaled"] is not None:
             state["logprobs"].append(_token_logprob(state, input_ids[:, -1]))
-        scaled = scores / temperature if temperature != 1.0 else scores
+        scaled = scores / self.temperature if self.temperature != 1.0 else scores
         state["scaled"] = scaled
         state["lse"] = torch.logsumexp(scaled, dim=-1)
         return scaled
 
-    return record, state
+
+def _create_logprob_recorder(temperature: float) -> tuple[_LogprobRecorder, dict]:
+    """The recorder for one ``generate`` call and the dict it fills (see ``_LogprobRecorder``)."""
+    state: dict[str, Any] = {"scaled": None, "lse": None, "logprobs": []}
+    return _LogprobRecorder(temperature, state), state
 
 
 def _token_logprob(state: Mapping[str, Any], tokens: torch.Tensor) -> torch.Tensor:
