@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlprim.checks import check_int
 from rlprim.losses import LOSS_AGG_MODES
 from rlprim.types import Batch, Rollout
 
@@ -80,16 +81,8 @@ DEFAULT_OVERHEAD_TOKENS = 256.0
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_seed(name: str, seed: object) -> int:
-    seed = _check_int(name, seed, 0)
+    seed = check_int(name, seed, 0)
     if seed >= 2**64:
         raise ValueError(f"{name} must be < 2**64, got {seed}")
     return seed
@@ -266,7 +259,7 @@ def _resolve_pad_token_id(tokenizer: Any, pad_token_id: object) -> int:
         if from_tokenizer is None:
             raise ValueError("rollouts_to_batch needs a pad id: pass tokenizer= or pad_token_id=")
         pad_token_id = from_tokenizer
-    pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
+    pad_token_id = check_int("pad_token_id", pad_token_id, 0)
     if from_tokenizer is not None and pad_token_id != from_tokenizer:
         raise ValueError(
             f"pad_token_id={pad_token_id} disagrees with the tokenizer's pad id {from_tokenizer}; "
@@ -584,7 +577,7 @@ def concatenate_batches(batches: Sequence[Batch], pad_token_id: int = 0) -> Batc
         raise TypeError(f"batches must be a sequence of Batch, got {type(batches).__name__}")
     if len(batches) == 0:
         raise ValueError("batches must not be empty")
-    pad = _check_int("pad_token_id", pad_token_id, 0)
+    pad = check_int("pad_token_id", pad_token_id, 0)
     shapes = []
     for index, batch in enumerate(batches):
         shape = _check_batch(batch, f"batches[{index}]")
@@ -720,7 +713,7 @@ def split_minibatches(
       exactly one of them.
     """
     rows, _, _ = _check_batch(batch)
-    size = _check_int("size", size, 1)
+    size = check_int("size", size, 1)
     if shuffle_seed is not None:
         shuffle_seed = _check_seed("shuffle_seed", shuffle_seed)
     if keep_groups:
@@ -803,7 +796,7 @@ def pack_by_length_indices(
     if max_tokens is None and max_sequences is None:
         raise ValueError("give max_tokens and/or max_sequences, got neither")
     if max_tokens is not None:
-        max_tokens = _check_int("max_tokens", max_tokens, 1)
+        max_tokens = check_int("max_tokens", max_tokens, 1)
         widths = prompt + completion
         longest = int(np.argmax(widths))
         if widths[longest] > max_tokens:
@@ -813,7 +806,7 @@ def pack_by_length_indices(
                 f"{int(completion[longest])} completion); raise max_tokens"
             )
     if max_sequences is not None:
-        max_sequences = _check_int("max_sequences", max_sequences, 1)
+        max_sequences = check_int("max_sequences", max_sequences, 1)
     if overhead_tokens is None:
         overhead = DEFAULT_OVERHEAD_TOKENS if max_tokens is not None else math.inf
     else:

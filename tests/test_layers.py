@@ -1,4 +1,4 @@
-"""Imports run one way: types ← math ← model and tools ← data ← loop ← tasks and demo ← face.
+"""Imports run one way: types ← math ← model/tools ← data ← loop ← tasks and demo ← face.
 
 Every module of ``rlprim`` sits on one layer (ARCHITECTURE.md, "Layers"); a module may import
 its own layer and those below, never one above. The imports are read with ``ast`` (nothing is
@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "rlprim"
 LAYER_NAMES = ("types", "math", "model and tools", "data", "loop", "tasks and demo", "face")
 LAYERS = {
     "types": 0, "protocols": 0,
-    "advantages": 1, "kl": 1, "losses": 1, "rewards": 1, "algorithms": 1,
+    "advantages": 1, "kl": 1, "losses": 1, "rewards": 1, "algorithms": 1, "checks": 1,
     "logprobs": 2, "inference": 2, "critic": 2, "reward_models": 2, "tools": 2,
     "model_wrappers": 2, "testing": 2,
     "rollouts": 3, "batching": 3, "data": 3, "vllm_engine": 3,
@@ -111,14 +111,14 @@ def test_layer_table_matches_architecture_md():
         ("import torch\nfrom rlprim.types import Batch", ("rlprim",), [(2, "types")]),
         ("def f():\n    from rlprim.training import train\n", ("rlprim",), [(2, "training")]),
         ("import rlprim.distributed as d", ("rlprim",), [(1, "distributed")]),
-        ("from rlprim import inference as _i, logprobs", ("rlprim",), [(1, "inference"), (1, "logprobs")]),
+        ("from rlprim import inference, logprobs", ("rlprim",), [(1, "inference"), (1, "logprobs")]),
         ("import rlprim", ("rlprim",), [(1, "__init__")]),
         ("from rlprim import Batch", ("rlprim",), [(1, "__init__")]),
         ("from .kl import kl_k1\nfrom . import losses", ("rlprim",), [(1, "kl"), (2, "losses")]),
         ("from .. import rollouts", ("rlprim", "tasks"), [(1, "rollouts")]),
         ("from . import countdown", ("rlprim", "tasks"), [(1, "tasks")]),
         ("from rlprim.tasks.arithmetic import arithmetic_split", ("rlprim",), [(1, "tasks")]),
-        ("class A:\n    def f(self):\n        import rlprim.logging\n", ("rlprim",), [(3, "logging")]),
+        ("class A:\n  def f(self):\n    import rlprim.logging\n", ("rlprim",), [(3, "logging")]),
         ("import rlprimx\nfrom torch import nn", ("rlprim",), []),
     ],
 )
