@@ -1,4 +1,4 @@
-"""Input checks shared by the math modules (advantages, kl, losses) and batching.
+"""Input checks shared by the math modules (advantages, kl, losses, rewards) and batching.
 
 Each check raises a ``TypeError`` or ``ValueError`` that names the argument, says what was
 expected and shows what was received, before the caller touches any state; on success it

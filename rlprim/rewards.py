@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlprim.checks import check_group_size
 from rlprim.types import Rollout
 
 __all__ = [
@@ -178,13 +179,7 @@ def _check_group_size(group_size: object, batch_size: int) -> int:
     """``group_size`` as an int dividing ``batch_size``; ``None`` means one group of the batch."""
     if group_size is None:
         return max(batch_size, 1)
-    group_size = _check_int("group_size", group_size, minimum=1)
-    if batch_size % group_size != 0:
-        raise ValueError(
-            f"group_size must divide the batch size {batch_size} (rows of a group are "
-            f"consecutive), got group_size={group_size}"
-        )
-    return group_size
+    return check_group_size(_check_int("group_size", group_size, minimum=1), batch_size)
 
 
 def _as_vectors(vectors: object) -> torch.Tensor:
