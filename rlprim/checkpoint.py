@@ -727,6 +727,34 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
     Returns:
       ``str(path)``.
     """
+    step, iteration, kl_coef = _check_save_arguments(state)
+    rng_state = capture_rng_state() if state.rng_state is None else state.rng_state
+    rng_json = _rng_to_json(_normalize_rng_state(rng_state, "state.rng_state"))
+    path = _check_save_path(path)
+    modules = {name: unwrap_model(getattr(state, name)) for name in _MODEL_COMPONENTS}
+    components = _saved_components(state, modules)
+    metadata = {
+        "step": step,
+        "iteration": iteration,
+        "kl_coef": kl_coef,
+        "config": _to_json(state.config, "state.config"),
+        "loader_state": _to_json(state.loader_state, "state.loader_state"),
+        "extra": _to_json(extra, "extra"),
+        "components": components,
+        "torch_version": torch.__version__,
+    }
+    if is_distributed():
+        _save_from_rank_zero(state, modules, path, components, metadata, rng_json)
+    else:
+        _write_checkpoint(state, modules, path, components, metadata, [rng_json])
+    return path
+
+
+# The steps of save_checkpoint. Nothing is written before every check has passed.
+
+
+def _check_save_arguments(state: Any) -> tuple[int, int, float]:
+    """``(step, iteration, kl_coef)`` after checking every field ``save_checkpoint`` reads."""
     if not isinstance(state, TrainingState):
         raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
     _check_module(state.policy, "state.policy", required=True)
@@ -747,8 +775,11 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
         kl_coef = float(state.kl_coef)
     except (TypeError, ValueError) as error:
         raise TypeError(f"state.kl_coef must be a real number, got {state.kl_coef!r}") from error
-    rng_state = capture_rng_state() if state.rng_state is None else state.rng_state
-    rng_json = _rng_to_json(_normalize_rng_state(rng_state, "state.rng_state"))
+    return step, iteration, kl_coef
+
+
+def _check_save_path(path: Any) -> str:
+    """The absolute checkpoint path; an existing non-checkpoint there is refused."""
     path = os.fspath(path)
     if not isinstance(path, str) or not path:
         raise ValueError(f"path must be a non-empty path, got {path!r}")
@@ -758,8 +789,13 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
             f"path {path!r} exists and is not an rlprim checkpoint (no {_MANIFEST}); "
             "refusing to replace it"
         )
+    return path
 
-    modules = {name: unwrap_model(getattr(state, name)) for name in _MODEL_COMPONENTS}
+
+def _saved_components(
+    state: TrainingState, modules: Mapping[str, nn.Module | None]
+) -> dict[str, Any]:
+    """What ``state.json`` records of each component: its class, or that it aliases the policy."""
     components: dict[str, Any] = {
         "tokenizer": None if state.tokenizer is None else {"class": type(state.tokenizer).__name__},
         "optimizer": None if state.optimizer is None else {"class": type(state.optimizer).__name__},
@@ -773,44 +809,42 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
             components[name] = {"alias": "policy"}
         else:
             components[name] = _component_info(module)
-    metadata = {
-        "step": step,
-        "iteration": iteration,
-        "kl_coef": kl_coef,
-        "config": _to_json(state.config, "state.config"),
-        "loader_state": _to_json(state.loader_state, "state.loader_state"),
-        "extra": _to_json(extra, "extra"),
-        "components": components,
-        "torch_version": torch.__version__,
-    }
+    return components
 
-    # --- data parallel: rank 0 writes every rank's RNG states; the others wait for it ---
-    if is_distributed():
-        rank_rngs = all_gather_objects(rng_json)
-        # FSDP2: every rank takes part in gathering the sharded weights and optimizer moments.
-        full_weights = {
-            name: full_state_dict(module)
-            for name, module in modules.items()
-            if is_fsdp_module(module) and "alias" not in components[name]
-        }
-        optimizer_state = _full_optimizer_state(state.optimizer)
-        failure: BaseException | None = None
-        if get_distributed_info().rank == 0:
-            try:
-                _write_checkpoint(
-                    state, modules, path, components, metadata, rank_rngs, full_weights,
-                    optimizer_state,
-                )
-            except BaseException as error:  # re-raised below, after telling the other ranks
-                failure = error
-        if all_reduce_scalars([0.0 if failure is None else 1.0])[0]:
-            if failure is not None:
-                raise failure
-            raise RuntimeError(f"save_checkpoint: rank 0 failed to write {path!r} (see its error)")
-        return path
-    # --- end data parallel ---
-    _write_checkpoint(state, modules, path, components, metadata, [rng_json])
-    return path
+
+def _save_from_rank_zero(
+    state: TrainingState,
+    modules: Mapping[str, nn.Module | None],
+    path: str,
+    components: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    rng_json: Any,
+) -> None:
+    """Data parallel: rank 0 writes every rank's RNG states; the others wait for it.
+
+    Collective: every rank calls it. An error on rank 0 is raised on every rank.
+    """
+    rank_rngs = all_gather_objects(rng_json)
+    # FSDP2: every rank takes part in gathering the sharded weights and optimizer moments.
+    full_weights = {
+        name: full_state_dict(module)
+        for name, module in modules.items()
+        if is_fsdp_module(module) and "alias" not in components[name]
+    }
+    optimizer_state = _full_optimizer_state(state.optimizer)
+    failure: BaseException | None = None
+    if get_distributed_info().rank == 0:
+        try:
+            _write_checkpoint(
+                state, modules, path, components, metadata, rank_rngs, full_weights,
+                optimizer_state,
+            )
+        except BaseException as error:  # re-raised below, after telling the other ranks
+            failure = error
+    if all_reduce_scalars([0.0 if failure is None else 1.0])[0]:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"save_checkpoint: rank 0 failed to write {path!r} (see its error)")
 
 
 def _write_checkpoint(
