@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -342,6 +342,47 @@ def rollouts_to_batch(
         scored and others not, advantages/returns/values of another shape than ``[B]`` or
         ``[B, Tc]``, no pad id.
     """
+    _check_rollouts(rollouts)
+    pad = _resolve_pad_token_id(tokenizer, pad_token_id)
+    rows = [_row_tensors(index, rollout) for index, rollout in enumerate(rollouts)]
+    scored = [row.reward is not None for row in rows]
+    if any(scored) and not all(scored):
+        raise ValueError(
+            f"rollouts {[i for i, s in enumerate(scored) if not s]} have rewards=None while "
+            "others are scored: score every rollout (or none) before batching"
+        )
+    padded = _pad_rows(rows, pad)
+    size, tp, tc = len(rows), padded.prompt_ids.shape[1], padded.completion_ids.shape[1]
+    real = padded.attention_mask[:, tp:].bool()
+    device = torch.device("cpu") if device is None else torch.device(device)
+    batch = padded._replace(
+        old_logprobs=None if any(row.old is None for row in rows) else padded.old_logprobs,
+        ref_logprobs=None if any(row.ref is None for row in rows) else padded.ref_logprobs,
+        advantages=_per_row_or_token("advantages", advantages, size, tc, real, device),
+        returns=_per_row_or_token("returns", returns, size, tc, real, device),
+        values=_per_row_or_token("values", values, size, tc, real, device),
+        rewards=torch.tensor([row.reward for row in rows], dtype=torch.float32)
+        if all(scored) else None,
+        group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
+    )
+    return batch_to_device(batch, device)
+
+
+# The steps of rollouts_to_batch.
+
+
+class _Row(NamedTuple):
+    """One rollout's checked 1-D tensors (``old`` / ``ref`` / ``reward`` may be ``None``)."""
+
+    prompt: torch.Tensor  # [n] long
+    completion: torch.Tensor  # [m] long
+    action: torch.Tensor  # [m] float32, 0/1
+    old: torch.Tensor | None  # [m] float32 sampling log-probs
+    ref: torch.Tensor | None  # [m] float32 reference log-probs
+    reward: float | None
+
+
+def _check_rollouts(rollouts: object) -> None:
     if isinstance(rollouts, Rollout) or not isinstance(rollouts, Sequence):
         raise TypeError(f"rollouts must be a sequence of Rollout, got {type(rollouts).__name__}")
     if len(rollouts) == 0:
@@ -349,94 +390,72 @@ def rollouts_to_batch(
     for index, rollout in enumerate(rollouts):
         if not isinstance(rollout, Rollout):
             raise TypeError(f"rollouts[{index}] must be a Rollout, got {type(rollout).__name__}")
-    pad = _resolve_pad_token_id(tokenizer, pad_token_id)
 
-    prompts, completions, action_masks, old, ref, rewards = [], [], [], [], [], []
-    for index, rollout in enumerate(rollouts):
-        generation = rollout.generation
-        prompt = _as_id_tensor(f"rollouts[{index}].generation.prompt_ids", generation.prompt_ids)
-        if rollout.completion_ids is not None:
-            completion = _as_id_tensor(f"rollouts[{index}].completion_ids", rollout.completion_ids)
-        else:
-            completion = _as_id_tensor(
-                f"rollouts[{index}].generation.token_ids", generation.token_ids
+
+def _row_tensors(index: int, rollout: Rollout) -> _Row:
+    """``rollouts[index]``'s ids, action mask, log-probs and reward, each checked."""
+    generation = rollout.generation
+    prompt = _as_id_tensor(f"rollouts[{index}].generation.prompt_ids", generation.prompt_ids)
+    if rollout.completion_ids is not None:
+        completion = _as_id_tensor(f"rollouts[{index}].completion_ids", rollout.completion_ids)
+    else:
+        completion = _as_id_tensor(f"rollouts[{index}].generation.token_ids", generation.token_ids)
+    length = completion.shape[0]
+    if rollout.action_mask is None:
+        action = torch.ones(length, dtype=torch.float32)
+    else:
+        action = _as_float_row(f"rollouts[{index}].action_mask", rollout.action_mask, length)
+        if not bool(((action == 0) | (action == 1)).all()):
+            raise ValueError(
+                f"rollouts[{index}].action_mask must contain only 0 and 1, got "
+                f"{sorted(set(action.tolist()))}"
             )
-        length = completion.shape[0]
-        if rollout.action_mask is None:
-            action = torch.ones(length, dtype=torch.float32)
-        else:
-            action = _as_float_row(f"rollouts[{index}].action_mask", rollout.action_mask, length)
-            if not bool(((action == 0) | (action == 1)).all()):
-                raise ValueError(
-                    f"rollouts[{index}].action_mask must contain only 0 and 1, got "
-                    f"{sorted(set(action.tolist()))}"
-                )
-        sampled = rollout.logprobs
-        if sampled is None and (
-            rollout.completion_ids is None
-            or list(rollout.completion_ids) == list(generation.token_ids)
-        ):
-            # generation.logprobs align with generation.token_ids only, never with a multi-turn
-            # completion that holds more tokens.
-            sampled = generation.logprobs
-        old.append(
-            None
-            if sampled is None
-            else _as_float_row(f"rollouts[{index}].logprobs", sampled, length)
-        )
-        ref.append(
-            None
-            if rollout.ref_logprobs is None
-            else _as_float_row(f"rollouts[{index}].ref_logprobs", rollout.ref_logprobs, length)
-        )
-        rewards.append(None if rollout.rewards is None else _scalar_reward(index, rollout.rewards))
-        prompts.append(prompt)
-        completions.append(completion)
-        action_masks.append(action)
+    sampled = rollout.logprobs
+    if sampled is None and (
+        rollout.completion_ids is None
+        or list(rollout.completion_ids) == list(generation.token_ids)
+    ):
+        # generation.logprobs align with generation.token_ids only, never with a multi-turn
+        # completion that holds more tokens.
+        sampled = generation.logprobs
+    old = None if sampled is None else _as_float_row(f"rollouts[{index}].logprobs", sampled, length)
+    ref = None
+    if rollout.ref_logprobs is not None:
+        ref = _as_float_row(f"rollouts[{index}].ref_logprobs", rollout.ref_logprobs, length)
+    reward = None if rollout.rewards is None else _scalar_reward(index, rollout.rewards)
+    return _Row(prompt, completion, action, old, ref, reward)
 
-    scored = [reward is not None for reward in rewards]
-    if any(scored) and not all(scored):
-        raise ValueError(
-            f"rollouts {[i for i, s in enumerate(scored) if not s]} have rewards=None while "
-            "others are scored: score every rollout (or none) before batching"
-        )
 
-    rows = len(rollouts)
-    tp = max(p.shape[0] for p in prompts)
-    tc = max(c.shape[0] for c in completions)
-    prompt_ids = torch.full((rows, tp), pad, dtype=torch.long)
-    completion_ids = torch.full((rows, tc), pad, dtype=torch.long)
-    attention_mask = torch.zeros((rows, tp + tc), dtype=torch.long)
-    completion_mask = torch.zeros((rows, tc), dtype=torch.float32)
-    old_logprobs = torch.zeros((rows, tc), dtype=torch.float32)
-    ref_logprobs = torch.zeros((rows, tc), dtype=torch.float32)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        n, m = prompt.shape[0], completion.shape[0]
-        prompt_ids[row, tp - n :] = prompt
-        completion_ids[row, :m] = completion
-        attention_mask[row, tp - n : tp + m] = 1
-        completion_mask[row, :m] = action_masks[row]
-        if old[row] is not None:
-            old_logprobs[row, :m] = old[row]
-        if ref[row] is not None:
-            ref_logprobs[row, :m] = ref[row]
-
-    real = attention_mask[:, tp:].bool()
-    device = torch.device("cpu") if device is None else torch.device(device)
-    batch = Batch(
+def _pad_rows(rows: Sequence[_Row], pad: int) -> Batch:
+    """The padded tensors: prompts left-padded, completions right-padded with ``pad``; the
+    log-probs are 0 on padding and on rows without them (the caller sets those to ``None``)."""
+    size = len(rows)
+    tp = max(row.prompt.shape[0] for row in rows)
+    tc = max(row.completion.shape[0] for row in rows)
+    prompt_ids = torch.full((size, tp), pad, dtype=torch.long)
+    completion_ids = torch.full((size, tc), pad, dtype=torch.long)
+    attention_mask = torch.zeros((size, tp + tc), dtype=torch.long)
+    completion_mask = torch.zeros((size, tc), dtype=torch.float32)
+    old_logprobs = torch.zeros((size, tc), dtype=torch.float32)
+    ref_logprobs = torch.zeros((size, tc), dtype=torch.float32)
+    for index, row in enumerate(rows):
+        n, m = row.prompt.shape[0], row.completion.shape[0]
+        prompt_ids[index, tp - n :] = row.prompt
+        completion_ids[index, :m] = row.completion
+        attention_mask[index, tp - n : tp + m] = 1
+        completion_mask[index, :m] = row.action
+        if row.old is not None:
+            old_logprobs[index, :m] = row.old
+        if row.ref is not None:
+            ref_logprobs[index, :m] = row.ref
+    return Batch(
         prompt_ids=prompt_ids,
         completion_ids=completion_ids,
         attention_mask=attention_mask,
         completion_mask=completion_mask,
-        old_logprobs=None if any(x is None for x in old) else old_logprobs,
-        ref_logprobs=None if any(x is None for x in ref) else ref_logprobs,
-        advantages=_per_row_or_token("advantages", advantages, rows, tc, real, device),
-        returns=_per_row_or_token("returns", returns, rows, tc, real, device),
-        values=_per_row_or_token("values", values, rows, tc, real, device),
-        rewards=torch.tensor(rewards, dtype=torch.float32) if all(scored) else None,
-        group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
     )
-    return batch_to_device(batch, device)
 
 
 def decode_batch(
