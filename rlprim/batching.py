@@ -802,6 +802,30 @@ def pack_by_length_indices(
       ValueError / TypeError: lengths of different sizes or negative, no rows, no limit, a
         limit < 1, a row longer than ``max_tokens``, a negative ``overhead_tokens``.
     """
+    prompt, completion, max_tokens, max_sequences, overhead = _check_pack_arguments(
+        prompt_lengths, completion_lengths, max_tokens, max_sequences, overhead_tokens
+    )
+    rows = prompt.shape[0]
+    order = np.lexsort((np.arange(rows), -prompt, -completion))
+    window = rows if max_sequences is None else min(rows, max_sequences)
+    start_of = _cheapest_runs(prompt[order], completion[order], window, max_tokens, overhead)
+    plan = []
+    end = rows
+    while end > 0:
+        start = int(start_of[end])
+        plan.append(sorted(int(i) for i in order[start:end]))
+        end = start
+    return plan[::-1]
+
+
+def _check_pack_arguments(
+    prompt_lengths: object,
+    completion_lengths: object,
+    max_tokens: object,
+    max_sequences: object,
+    overhead_tokens: object,
+) -> tuple[np.ndarray, np.ndarray, int | None, int | None, float]:
+    """``pack_by_length_indices``' arguments checked, and λ resolved from its default."""
     prompt = _check_lengths("prompt_lengths", prompt_lengths)
     completion = _check_lengths("completion_lengths", completion_lengths)
     if prompt.shape != completion.shape:
@@ -836,10 +860,19 @@ def pack_by_length_indices(
         if not overhead_tokens >= 0:  # also rejects NaN
             raise ValueError(f"overhead_tokens must be >= 0, got {overhead_tokens}")
         overhead = float(overhead_tokens)
+    return prompt, completion, max_tokens, max_sequences, overhead
 
-    order = np.lexsort((np.arange(rows), -prompt, -completion))
-    sorted_prompt, sorted_completion = prompt[order], completion[order]
-    window = rows if max_sequences is None else min(rows, max_sequences)
+
+def _cheapest_runs(
+    sorted_prompt: np.ndarray,
+    sorted_completion: np.ndarray,
+    window: int,
+    max_tokens: int | None,
+    overhead: float,
+) -> np.ndarray:
+    """``start_of[j]``: where the last run of the best plan of the first ``j`` sorted rows
+    starts (dynamic programming over contiguous runs of at most ``window`` rows)."""
+    rows = sorted_prompt.shape[0]
     # best[j]: the best plan of the first j sorted rows as (micro-batches, padded positions).
     count = np.zeros(rows + 1, dtype=np.int64)
     area = np.zeros(rows + 1, dtype=np.float64)
@@ -862,13 +895,7 @@ def pack_by_length_indices(
         else:
             best = int(np.lexsort((total_count, total_area + overhead * total_count))[0])
         count[end], area[end], start_of[end] = total_count[best], total_area[best], starts[best]
-    plan = []
-    end = rows
-    while end > 0:
-        start = int(start_of[end])
-        plan.append(sorted(int(i) for i in order[start:end]))
-        end = start
-    return plan[::-1]
+    return start_of
 
 
 def _check_lengths(name: str, lengths: object) -> np.ndarray:

@@ -493,6 +493,68 @@ def compute_dapo_loss(
     )
 
 
+def _check_sequence_weights(
+    sequence_weights: object | None, like: torch.Tensor
+) -> torch.Tensor | None:
+    """``None`` or detached ``[B]`` weights on ``like``'s device and dtype."""
+    if sequence_weights is None:
+        return None
+    seq_weights = check_float_tensor("sequence_weights", sequence_weights)
+    if seq_weights.shape != (like.shape[0],):
+        raise ValueError(
+            f"sequence_weights must have shape [B] = ({like.shape[0]},), got "
+            f"{tuple(seq_weights.shape)}"
+        )
+    return seq_weights.detach().to(like)
+
+
+def _gspo_sequence_loss(
+    seq_ratio: torch.Tensor,
+    seq_advantages: torch.Tensor,
+    has_tokens: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    seq_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO: ``(mean_i l_i over sequences with tokens, clip active [B])``, ``[B]`` inputs."""
+    seq_advantages = _zero_masked(seq_advantages, has_tokens)
+    unclipped = -seq_advantages * seq_ratio
+    clipped = -seq_advantages * torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high)
+    seq_clip_active = clipped > unclipped
+    per_seq = torch.where(seq_clip_active, clipped, unclipped)
+    if seq_weights is not None:
+        per_seq = per_seq * _zero_masked(seq_weights, has_tokens)
+    loss = per_seq.sum() / torch.clamp(has_tokens.sum(), min=1).to(per_seq.dtype)
+    return loss, seq_clip_active
+
+
+def _gspo_token_loss(
+    new_logprobs: torch.Tensor,
+    seq_ratio: torch.Tensor,
+    token_advantages: torch.Tensor,
+    valid: torch.Tensor,
+    has_tokens: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    seq_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO-token: ``(seq-mean-token-mean loss, clip active on any token [B])``."""
+    # s_it: value s_i, gradient s_i · ∇logπ_θ(y_it) through its own token only.
+    token_logprobs = _zero_masked(new_logprobs, valid)
+    token_ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(
+        token_logprobs - token_logprobs.detach()
+    )
+    token_advantages = _zero_masked(token_advantages, valid)
+    unclipped = -token_advantages * token_ratio
+    clipped = -token_advantages * torch.clamp(token_ratio, 1.0 - eps_low, 1.0 + eps_high)
+    clip_active = clipped > unclipped
+    per_token = torch.where(clip_active, clipped, unclipped)
+    if seq_weights is not None:
+        per_token = per_token * _zero_masked(seq_weights, has_tokens).unsqueeze(1)
+    loss = _aggregate(per_token, valid, "seq-mean-token-mean", None)
+    return loss, (clip_active & valid).any(dim=1)
+
+
 def compute_gspo_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -554,15 +616,7 @@ def compute_gspo_loss(
         new_logprobs, old_logprobs, advantages, mask
     )
     eps_low, eps_high = _check_clip_range(clip_eps_low, clip_eps_high)
-    seq_weights = None
-    if sequence_weights is not None:
-        seq_weights = check_float_tensor("sequence_weights", sequence_weights)
-        if seq_weights.shape != (new_logprobs.shape[0],):
-            raise ValueError(
-                f"sequence_weights must have shape [B] = ({new_logprobs.shape[0]},), got "
-                f"{tuple(seq_weights.shape)}"
-            )
-        seq_weights = seq_weights.detach().to(new_logprobs)
+    seq_weights = _check_sequence_weights(sequence_weights, new_logprobs)
 
     log_ratio = _zero_masked(new_logprobs - old_logprobs, valid)
     lengths = valid.sum(dim=1)
@@ -572,29 +626,14 @@ def compute_gspo_loss(
     seq_ratio = torch.exp(seq_log_ratio)
 
     if variant == "sequence":
-        seq_advantages = _zero_masked(seq_advantages, has_tokens)
-        unclipped = -seq_advantages * seq_ratio
-        clipped = -seq_advantages * torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high)
-        seq_clip_active = clipped > unclipped
-        per_seq = torch.where(seq_clip_active, clipped, unclipped)
-        if seq_weights is not None:
-            per_seq = per_seq * _zero_masked(seq_weights, has_tokens)
-        loss = per_seq.sum() / torch.clamp(has_tokens.sum(), min=1).to(per_seq.dtype)
-    else:
-        # s_it: value s_i, gradient s_i · ∇logπ_θ(y_it) through its own token only.
-        token_logprobs = _zero_masked(new_logprobs, valid)
-        token_ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(
-            token_logprobs - token_logprobs.detach()
+        loss, seq_clip_active = _gspo_sequence_loss(
+            seq_ratio, seq_advantages, has_tokens, eps_low, eps_high, seq_weights
         )
-        token_advantages = _zero_masked(token_advantages, valid)
-        unclipped = -token_advantages * token_ratio
-        clipped = -token_advantages * torch.clamp(token_ratio, 1.0 - eps_low, 1.0 + eps_high)
-        clip_active = clipped > unclipped
-        per_token = torch.where(clip_active, clipped, unclipped)
-        if seq_weights is not None:
-            per_token = per_token * _zero_masked(seq_weights, has_tokens).unsqueeze(1)
-        loss = _aggregate(per_token, valid, "seq-mean-token-mean", None)
-        seq_clip_active = (clip_active & valid).any(dim=1)
+    else:
+        loss, seq_clip_active = _gspo_token_loss(
+            new_logprobs, seq_ratio, token_advantages, valid, has_tokens, eps_low, eps_high,
+            seq_weights,
+        )
 
     metrics = {
         "policy_loss": float(loss.detach()),
