@@ -66,6 +66,7 @@ LOG_RATIO_CLAMP = 20.0
 
 
 def _check_positive(name: str, value: object) -> float:
+    # Not checks.check_positive: beta and cap keep their own messages (">= 0", then "> 0").
     value = check_nonnegative(name, value)
     if value == 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
