@@ -22,9 +22,18 @@ targets, not things to differentiate through).
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from rlprim.checks import (
+    as_float,
+    check_finite,
+    check_group_size,
+    check_mask,
+    check_nonnegative,
+    check_same_shape,
+    check_tensor,
+    check_unit_interval,
+)
 
 __all__ = [
     "compute_discounted_returns",
@@ -44,89 +53,9 @@ REINFORCE_BASELINES = ("none", "group", "batch")
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if ndim is not None and x.dim() != ndim:
-        expected = "[B]" if ndim == 1 else "[B, T]"
-        raise ValueError(
-            f"{name} must have {ndim} dimension(s) {expected}, got shape {tuple(x.shape)}"
-        )
-    return x
-
-
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
-
-
-def _check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if x.shape != ref.shape:
-        raise ValueError(
-            f"{name} must have the same shape as {ref_name} {tuple(ref.shape)}, "
-            f"got {tuple(x.shape)}"
-        )
-
-
-def _check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    bad = ~torch.isfinite(x)
-    if mask is not None:
-        bad = bad & mask
-    if bool(bad.any()):
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} must be finite, got {x[index].item()} at index {index}"
-        )
-
-
-def _check_mask(mask: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
-    """Returns the mask as a bool tensor; ``None`` means every position is valid."""
-    if mask is None:
-        return torch.ones_like(like, dtype=torch.bool)
-    mask = _check_tensor("mask", mask)
-    _check_same_shape("mask", mask, like_name, like)
-    if mask.dtype != torch.bool:
-        binary = (mask == 0) | (mask == 1)
-        if not bool(binary.all()):
-            index = tuple(int(i) for i in (~binary).nonzero()[0])
-            raise ValueError(
-                f"mask must contain only 0 and 1, got {mask[index].item()} at index {index}"
-            )
-        mask = mask != 0
-    return mask.to(like.device)
-
-
-def _check_unit_interval(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
-
-
-def _check_nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__}")
-    if not (0.0 <= value < math.inf):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def _check_group_size(group_size: object, batch_size: int) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if batch_size % group_size != 0:
-        raise ValueError(
-            f"group_size must divide the batch size {batch_size} (rows of a group are "
-            f"consecutive), got group_size={group_size}"
-        )
-    return group_size
-
-
 def _check_sequence_rewards(rewards: object, name: str = "rewards") -> torch.Tensor:
-    rewards = _as_float(_check_tensor(name, rewards, ndim=1))
-    _check_finite(name, rewards)
+    rewards = as_float(check_tensor(name, rewards, ndim=1))
+    check_finite(name, rewards)
     return rewards
 
 
@@ -170,10 +99,10 @@ def compute_discounted_returns(
       TypeError / ValueError: non-tensor input, shapes that differ or are not 2-D, a mask that
         is not 0/1, non-finite rewards at valid positions, ``gamma`` outside ``[0, 1]``.
     """
-    rewards = _as_float(_check_tensor("rewards", rewards, ndim=2))
-    mask = _check_mask(mask, rewards, "rewards")
-    gamma = _check_unit_interval("gamma", gamma)
-    _check_finite("rewards", rewards, mask)
+    rewards = as_float(check_tensor("rewards", rewards, ndim=2))
+    mask = check_mask(mask, rewards, "rewards")
+    gamma = check_unit_interval("gamma", gamma)
+    check_finite("rewards", rewards, mask)
     return _discounted_sum_backwards(rewards, mask, gamma)
 
 
@@ -210,14 +139,14 @@ def compute_gae(
         is not 0/1, non-finite rewards or values at valid positions, ``gamma`` or ``lam``
         outside ``[0, 1]``.
     """
-    rewards = _as_float(_check_tensor("rewards", rewards, ndim=2))
-    values = _as_float(_check_tensor("values", values, ndim=2))
-    _check_same_shape("values", values, "rewards", rewards)
-    mask = _check_mask(mask, rewards, "rewards")
-    gamma = _check_unit_interval("gamma", gamma)
-    lam = _check_unit_interval("lam", lam)
-    _check_finite("rewards", rewards, mask)
-    _check_finite("values", values, mask)
+    rewards = as_float(check_tensor("rewards", rewards, ndim=2))
+    values = as_float(check_tensor("values", values, ndim=2))
+    check_same_shape("values", values, "rewards", rewards)
+    mask = check_mask(mask, rewards, "rewards")
+    gamma = check_unit_interval("gamma", gamma)
+    lam = check_unit_interval("lam", lam)
+    check_finite("rewards", rewards, mask)
+    check_finite("values", values, mask)
 
     dtype = torch.promote_types(rewards.dtype, values.dtype)
     rewards, values = rewards.to(dtype), values.to(dtype)
@@ -274,20 +203,20 @@ def compute_ppo_advantages(
         valid positions), ``kl_coef < 0``, ``gamma`` or ``lam`` outside ``[0, 1]``.
     """
     rewards = _check_sequence_rewards(rewards)
-    values = _as_float(_check_tensor("values", values, ndim=2))
+    values = as_float(check_tensor("values", values, ndim=2))
     if rewards.shape[0] != values.shape[0]:
         raise ValueError(
             f"rewards must have one entry per row of values (B={values.shape[0]}), got shape "
             f"{tuple(rewards.shape)}"
         )
-    mask = _check_mask(mask, values, "values")
-    kl_coef = _check_nonnegative("kl_coef", kl_coef)
+    mask = check_mask(mask, values, "values")
+    kl_coef = check_nonnegative("kl_coef", kl_coef)
     dtype = torch.promote_types(rewards.dtype, values.dtype)
     token_rewards = torch.zeros(values.shape, dtype=dtype, device=values.device)
     if kl is not None:
-        kl = _as_float(_check_tensor("kl", kl, ndim=2))
-        _check_same_shape("kl", kl, "values", values)
-        _check_finite("kl", kl, mask)
+        kl = as_float(check_tensor("kl", kl, ndim=2))
+        check_same_shape("kl", kl, "values", values)
+        check_finite("kl", kl, mask)
         # Masked positions may hold junk; compute_gae skips them.
         token_rewards = -kl_coef * kl.to(dtype)
     if values.shape[1] > 0:
@@ -331,10 +260,10 @@ def compute_grpo_advantages(
         ``group_size`` that is not a positive divisor of ``B``, an unknown ``scale``, ``eps < 0``.
     """
     rewards = _check_sequence_rewards(rewards)
-    group_size = _check_group_size(group_size, rewards.shape[0])
+    group_size = check_group_size(group_size, rewards.shape[0])
     if scale not in GRPO_SCALES:
         raise ValueError(f"scale must be one of {list(GRPO_SCALES)}, got {scale!r}")
-    eps = _check_nonnegative("eps", eps)
+    eps = check_nonnegative("eps", eps)
     if group_size == 1 or rewards.numel() == 0:
         return torch.zeros_like(rewards)
 
@@ -367,7 +296,7 @@ def compute_rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Ten
         for a lone sample).
     """
     rewards = _check_sequence_rewards(rewards)
-    group_size = _check_group_size(group_size, rewards.shape[0])
+    group_size = check_group_size(group_size, rewards.shape[0])
     if group_size < 2:
         raise ValueError(
             f"group_size must be >= 2 for RLOO (the baseline averages the other samples of a "
@@ -423,18 +352,18 @@ def compute_reinforce_advantages(
             f"baseline must be one of {list(REINFORCE_BASELINES)}, got {baseline!r}"
         )
     if group_size is not None:
-        group_size = _check_group_size(group_size, rewards.shape[0])
+        group_size = check_group_size(group_size, rewards.shape[0])
     elif baseline == "group":
         raise ValueError("group_size must be given for baseline='group', got None")
-    eps = _check_nonnegative("eps", eps)
+    eps = check_nonnegative("eps", eps)
     if mask is not None:
-        mask = _check_tensor("mask", mask, ndim=2)
+        mask = check_tensor("mask", mask, ndim=2)
         if mask.shape[0] != rewards.shape[0]:
             raise ValueError(
                 f"mask must have one row per reward (B={rewards.shape[0]}), got shape "
                 f"{tuple(mask.shape)}"
             )
-        mask = _check_mask(mask, mask, "mask")
+        mask = check_mask(mask, mask, "mask")
 
     advantages = rewards
     if baseline == "group":
@@ -472,7 +401,7 @@ def compute_remax_advantages(
     """
     rewards = _check_sequence_rewards(rewards)
     greedy_rewards = _check_sequence_rewards(greedy_rewards, name="greedy_rewards")
-    _check_same_shape("greedy_rewards", greedy_rewards, "rewards", rewards)
+    check_same_shape("greedy_rewards", greedy_rewards, "rewards", rewards)
     return rewards - greedy_rewards.to(rewards.device)
 
 
@@ -526,8 +455,8 @@ def whiten(
       TypeError / ValueError: non-tensor ``x``, a mask of another shape or not 0/1, non-finite
         ``x`` at valid entries, ``eps < 0``.
     """
-    x = _as_float(_check_tensor("x", x))
-    mask = _check_mask(mask, x, "x")
-    eps = _check_nonnegative("eps", eps)
-    _check_finite("x", x, mask)
+    x = as_float(check_tensor("x", x))
+    mask = check_mask(mask, x, "x")
+    eps = check_nonnegative("eps", eps)
+    check_finite("x", x, mask)
     return _whiten(x, mask, shift_mean, eps)

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from rlprim.checks import check_int
 from rlprim.losses import LOSS_AGG_MODES
 from rlprim.types import Batch, Rollout
 
@@ -80,16 +81,8 @@ DEFAULT_OVERHEAD_TOKENS = 256.0
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_seed(name: str, seed: object) -> int:
-    seed = _check_int(name, seed, 0)
+    seed = check_int(name, seed, 0)
     if seed >= 2**64:
         raise ValueError(f"{name} must be < 2**64, got {seed}")
     return seed
@@ -266,7 +259,7 @@ def _resolve_pad_token_id(tokenizer: Any, pad_token_id: object) -> int:
         if from_tokenizer is None:
             raise ValueError("rollouts_to_batch needs a pad id: pass tokenizer= or pad_token_id=")
         pad_token_id = from_tokenizer
-    pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
+    pad_token_id = check_int("pad_token_id", pad_token_id, 0)
     if from_tokenizer is not None and pad_token_id != from_tokenizer:
         raise ValueError(
             f"pad_token_id={pad_token_id} disagrees with the tokenizer's pad id {from_tokenizer}; "
@@ -349,6 +342,47 @@ def rollouts_to_batch(
         scored and others not, advantages/returns/values of another shape than ``[B]`` or
         ``[B, Tc]``, no pad id.
     """
+    _check_rollouts(rollouts)
+    pad = _resolve_pad_token_id(tokenizer, pad_token_id)
+    rows = [_row_tensors(index, rollout) for index, rollout in enumerate(rollouts)]
+    scored = [row.reward is not None for row in rows]
+    if any(scored) and not all(scored):
+        raise ValueError(
+            f"rollouts {[i for i, s in enumerate(scored) if not s]} have rewards=None while "
+            "others are scored: score every rollout (or none) before batching"
+        )
+    padded = _pad_rows(rows, pad)
+    size, tp, tc = len(rows), padded.prompt_ids.shape[1], padded.completion_ids.shape[1]
+    real = padded.attention_mask[:, tp:].bool()
+    device = torch.device("cpu") if device is None else torch.device(device)
+    batch = padded._replace(
+        old_logprobs=None if any(row.old is None for row in rows) else padded.old_logprobs,
+        ref_logprobs=None if any(row.ref is None for row in rows) else padded.ref_logprobs,
+        advantages=_per_row_or_token("advantages", advantages, size, tc, real, device),
+        returns=_per_row_or_token("returns", returns, size, tc, real, device),
+        values=_per_row_or_token("values", values, size, tc, real, device),
+        rewards=torch.tensor([row.reward for row in rows], dtype=torch.float32)
+        if all(scored) else None,
+        group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
+    )
+    return batch_to_device(batch, device)
+
+
+# The steps of rollouts_to_batch.
+
+
+class _Row(NamedTuple):
+    """One rollout's checked 1-D tensors (``old`` / ``ref`` / ``reward`` may be ``None``)."""
+
+    prompt: torch.Tensor  # [n] long
+    completion: torch.Tensor  # [m] long
+    action: torch.Tensor  # [m] float32, 0/1
+    old: torch.Tensor | None  # [m] float32 sampling log-probs
+    ref: torch.Tensor | None  # [m] float32 reference log-probs
+    reward: float | None
+
+
+def _check_rollouts(rollouts: object) -> None:
     if isinstance(rollouts, Rollout) or not isinstance(rollouts, Sequence):
         raise TypeError(f"rollouts must be a sequence of Rollout, got {type(rollouts).__name__}")
     if len(rollouts) == 0:
@@ -356,94 +390,72 @@ def rollouts_to_batch(
     for index, rollout in enumerate(rollouts):
         if not isinstance(rollout, Rollout):
             raise TypeError(f"rollouts[{index}] must be a Rollout, got {type(rollout).__name__}")
-    pad = _resolve_pad_token_id(tokenizer, pad_token_id)
 
-    prompts, completions, action_masks, old, ref, rewards = [], [], [], [], [], []
-    for index, rollout in enumerate(rollouts):
-        generation = rollout.generation
-        prompt = _as_id_tensor(f"rollouts[{index}].generation.prompt_ids", generation.prompt_ids)
-        if rollout.completion_ids is not None:
-            completion = _as_id_tensor(f"rollouts[{index}].completion_ids", rollout.completion_ids)
-        else:
-            completion = _as_id_tensor(
-                f"rollouts[{index}].generation.token_ids", generation.token_ids
+
+def _row_tensors(index: int, rollout: Rollout) -> _Row:
+    """``rollouts[index]``'s ids, action mask, log-probs and reward, each checked."""
+    generation = rollout.generation
+    prompt = _as_id_tensor(f"rollouts[{index}].generation.prompt_ids", generation.prompt_ids)
+    if rollout.completion_ids is not None:
+        completion = _as_id_tensor(f"rollouts[{index}].completion_ids", rollout.completion_ids)
+    else:
+        completion = _as_id_tensor(f"rollouts[{index}].generation.token_ids", generation.token_ids)
+    length = completion.shape[0]
+    if rollout.action_mask is None:
+        action = torch.ones(length, dtype=torch.float32)
+    else:
+        action = _as_float_row(f"rollouts[{index}].action_mask", rollout.action_mask, length)
+        if not bool(((action == 0) | (action == 1)).all()):
+            raise ValueError(
+                f"rollouts[{index}].action_mask must contain only 0 and 1, got "
+                f"{sorted(set(action.tolist()))}"
             )
-        length = completion.shape[0]
-        if rollout.action_mask is None:
-            action = torch.ones(length, dtype=torch.float32)
-        else:
-            action = _as_float_row(f"rollouts[{index}].action_mask", rollout.action_mask, length)
-            if not bool(((action == 0) | (action == 1)).all()):
-                raise ValueError(
-                    f"rollouts[{index}].action_mask must contain only 0 and 1, got "
-                    f"{sorted(set(action.tolist()))}"
-                )
-        sampled = rollout.logprobs
-        if sampled is None and (
-            rollout.completion_ids is None
-            or list(rollout.completion_ids) == list(generation.token_ids)
-        ):
-            # generation.logprobs align with generation.token_ids only, never with a multi-turn
-            # completion that holds more tokens.
-            sampled = generation.logprobs
-        old.append(
-            None
-            if sampled is None
-            else _as_float_row(f"rollouts[{index}].logprobs", sampled, length)
-        )
-        ref.append(
-            None
-            if rollout.ref_logprobs is None
-            else _as_float_row(f"rollouts[{index}].ref_logprobs", rollout.ref_logprobs, length)
-        )
-        rewards.append(None if rollout.rewards is None else _scalar_reward(index, rollout.rewards))
-        prompts.append(prompt)
-        completions.append(completion)
-        action_masks.append(action)
+    sampled = rollout.logprobs
+    if sampled is None and (
+        rollout.completion_ids is None
+        or list(rollout.completion_ids) == list(generation.token_ids)
+    ):
+        # generation.logprobs align with generation.token_ids only, never with a multi-turn
+        # completion that holds more tokens.
+        sampled = generation.logprobs
+    old = None if sampled is None else _as_float_row(f"rollouts[{index}].logprobs", sampled, length)
+    ref = None
+    if rollout.ref_logprobs is not None:
+        ref = _as_float_row(f"rollouts[{index}].ref_logprobs", rollout.ref_logprobs, length)
+    reward = None if rollout.rewards is None else _scalar_reward(index, rollout.rewards)
+    return _Row(prompt, completion, action, old, ref, reward)
 
-    scored = [reward is not None for reward in rewards]
-    if any(scored) and not all(scored):
-        raise ValueError(
-            f"rollouts {[i for i, s in enumerate(scored) if not s]} have rewards=None while "
-            "others are scored: score every rollout (or none) before batching"
-        )
 
-    rows = len(rollouts)
-    tp = max(p.shape[0] for p in prompts)
-    tc = max(c.shape[0] for c in completions)
-    prompt_ids = torch.full((rows, tp), pad, dtype=torch.long)
-    completion_ids = torch.full((rows, tc), pad, dtype=torch.long)
-    attention_mask = torch.zeros((rows, tp + tc), dtype=torch.long)
-    completion_mask = torch.zeros((rows, tc), dtype=torch.float32)
-    old_logprobs = torch.zeros((rows, tc), dtype=torch.float32)
-    ref_logprobs = torch.zeros((rows, tc), dtype=torch.float32)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        n, m = prompt.shape[0], completion.shape[0]
-        prompt_ids[row, tp - n :] = prompt
-        completion_ids[row, :m] = completion
-        attention_mask[row, tp - n : tp + m] = 1
-        completion_mask[row, :m] = action_masks[row]
-        if old[row] is not None:
-            old_logprobs[row, :m] = old[row]
-        if ref[row] is not None:
-            ref_logprobs[row, :m] = ref[row]
-
-    real = attention_mask[:, tp:].bool()
-    device = torch.device("cpu") if device is None else torch.device(device)
-    batch = Batch(
+def _pad_rows(rows: Sequence[_Row], pad: int) -> Batch:
+    """The padded tensors: prompts left-padded, completions right-padded with ``pad``; the
+    log-probs are 0 on padding and on rows without them (the caller sets those to ``None``)."""
+    size = len(rows)
+    tp = max(row.prompt.shape[0] for row in rows)
+    tc = max(row.completion.shape[0] for row in rows)
+    prompt_ids = torch.full((size, tp), pad, dtype=torch.long)
+    completion_ids = torch.full((size, tc), pad, dtype=torch.long)
+    attention_mask = torch.zeros((size, tp + tc), dtype=torch.long)
+    completion_mask = torch.zeros((size, tc), dtype=torch.float32)
+    old_logprobs = torch.zeros((size, tc), dtype=torch.float32)
+    ref_logprobs = torch.zeros((size, tc), dtype=torch.float32)
+    for index, row in enumerate(rows):
+        n, m = row.prompt.shape[0], row.completion.shape[0]
+        prompt_ids[index, tp - n :] = row.prompt
+        completion_ids[index, :m] = row.completion
+        attention_mask[index, tp - n : tp + m] = 1
+        completion_mask[index, :m] = row.action
+        if row.old is not None:
+            old_logprobs[index, :m] = row.old
+        if row.ref is not None:
+            ref_logprobs[index, :m] = row.ref
+    return Batch(
         prompt_ids=prompt_ids,
         completion_ids=completion_ids,
         attention_mask=attention_mask,
         completion_mask=completion_mask,
-        old_logprobs=None if any(x is None for x in old) else old_logprobs,
-        ref_logprobs=None if any(x is None for x in ref) else ref_logprobs,
-        advantages=_per_row_or_token("advantages", advantages, rows, tc, real, device),
-        returns=_per_row_or_token("returns", returns, rows, tc, real, device),
-        values=_per_row_or_token("values", values, rows, tc, real, device),
-        rewards=torch.tensor(rewards, dtype=torch.float32) if all(scored) else None,
-        group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
     )
-    return batch_to_device(batch, device)
 
 
 def decode_batch(
@@ -584,7 +596,7 @@ def concatenate_batches(batches: Sequence[Batch], pad_token_id: int = 0) -> Batc
         raise TypeError(f"batches must be a sequence of Batch, got {type(batches).__name__}")
     if len(batches) == 0:
         raise ValueError("batches must not be empty")
-    pad = _check_int("pad_token_id", pad_token_id, 0)
+    pad = check_int("pad_token_id", pad_token_id, 0)
     shapes = []
     for index, batch in enumerate(batches):
         shape = _check_batch(batch, f"batches[{index}]")
@@ -720,7 +732,7 @@ def split_minibatches(
       exactly one of them.
     """
     rows, _, _ = _check_batch(batch)
-    size = _check_int("size", size, 1)
+    size = check_int("size", size, 1)
     if shuffle_seed is not None:
         shuffle_seed = _check_seed("shuffle_seed", shuffle_seed)
     if keep_groups:
@@ -790,6 +802,30 @@ def pack_by_length_indices(
       ValueError / TypeError: lengths of different sizes or negative, no rows, no limit, a
         limit < 1, a row longer than ``max_tokens``, a negative ``overhead_tokens``.
     """
+    prompt, completion, max_tokens, max_sequences, overhead = _check_pack_arguments(
+        prompt_lengths, completion_lengths, max_tokens, max_sequences, overhead_tokens
+    )
+    rows = prompt.shape[0]
+    order = np.lexsort((np.arange(rows), -prompt, -completion))
+    window = rows if max_sequences is None else min(rows, max_sequences)
+    start_of = _cheapest_runs(prompt[order], completion[order], window, max_tokens, overhead)
+    plan = []
+    end = rows
+    while end > 0:
+        start = int(start_of[end])
+        plan.append(sorted(int(i) for i in order[start:end]))
+        end = start
+    return plan[::-1]
+
+
+def _check_pack_arguments(
+    prompt_lengths: object,
+    completion_lengths: object,
+    max_tokens: object,
+    max_sequences: object,
+    overhead_tokens: object,
+) -> tuple[np.ndarray, np.ndarray, int | None, int | None, float]:
+    """``pack_by_length_indices``' arguments checked, and λ resolved from its default."""
     prompt = _check_lengths("prompt_lengths", prompt_lengths)
     completion = _check_lengths("completion_lengths", completion_lengths)
     if prompt.shape != completion.shape:
@@ -803,7 +839,7 @@ def pack_by_length_indices(
     if max_tokens is None and max_sequences is None:
         raise ValueError("give max_tokens and/or max_sequences, got neither")
     if max_tokens is not None:
-        max_tokens = _check_int("max_tokens", max_tokens, 1)
+        max_tokens = check_int("max_tokens", max_tokens, 1)
         widths = prompt + completion
         longest = int(np.argmax(widths))
         if widths[longest] > max_tokens:
@@ -813,7 +849,7 @@ def pack_by_length_indices(
                 f"{int(completion[longest])} completion); raise max_tokens"
             )
     if max_sequences is not None:
-        max_sequences = _check_int("max_sequences", max_sequences, 1)
+        max_sequences = check_int("max_sequences", max_sequences, 1)
     if overhead_tokens is None:
         overhead = DEFAULT_OVERHEAD_TOKENS if max_tokens is not None else math.inf
     else:
@@ -824,10 +860,19 @@ def pack_by_length_indices(
         if not overhead_tokens >= 0:  # also rejects NaN
             raise ValueError(f"overhead_tokens must be >= 0, got {overhead_tokens}")
         overhead = float(overhead_tokens)
+    return prompt, completion, max_tokens, max_sequences, overhead
 
-    order = np.lexsort((np.arange(rows), -prompt, -completion))
-    sorted_prompt, sorted_completion = prompt[order], completion[order]
-    window = rows if max_sequences is None else min(rows, max_sequences)
+
+def _cheapest_runs(
+    sorted_prompt: np.ndarray,
+    sorted_completion: np.ndarray,
+    window: int,
+    max_tokens: int | None,
+    overhead: float,
+) -> np.ndarray:
+    """``start_of[j]``: where the last run of the best plan of the first ``j`` sorted rows
+    starts (dynamic programming over contiguous runs of at most ``window`` rows)."""
+    rows = sorted_prompt.shape[0]
     # best[j]: the best plan of the first j sorted rows as (micro-batches, padded positions).
     count = np.zeros(rows + 1, dtype=np.int64)
     area = np.zeros(rows + 1, dtype=np.float64)
@@ -850,13 +895,7 @@ def pack_by_length_indices(
         else:
             best = int(np.lexsort((total_count, total_area + overhead * total_count))[0])
         count[end], area[end], start_of[end] = total_count[best], total_area[best], starts[best]
-    plan = []
-    end = rows
-    while end > 0:
-        start = int(start_of[end])
-        plan.append(sorted(int(i) for i in order[start:end]))
-        end = start
-    return plan[::-1]
+    return start_of
 
 
 def _check_lengths(name: str, lengths: object) -> np.ndarray:

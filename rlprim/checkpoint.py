@@ -76,7 +76,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import safetensors.torch
@@ -727,6 +727,34 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
     Returns:
       ``str(path)``.
     """
+    step, iteration, kl_coef = _check_save_arguments(state)
+    rng_state = capture_rng_state() if state.rng_state is None else state.rng_state
+    rng_json = _rng_to_json(_normalize_rng_state(rng_state, "state.rng_state"))
+    path = _check_save_path(path)
+    modules = {name: unwrap_model(getattr(state, name)) for name in _MODEL_COMPONENTS}
+    components = _saved_components(state, modules)
+    metadata = {
+        "step": step,
+        "iteration": iteration,
+        "kl_coef": kl_coef,
+        "config": _to_json(state.config, "state.config"),
+        "loader_state": _to_json(state.loader_state, "state.loader_state"),
+        "extra": _to_json(extra, "extra"),
+        "components": components,
+        "torch_version": torch.__version__,
+    }
+    if is_distributed():
+        _save_from_rank_zero(state, modules, path, components, metadata, rng_json)
+    else:
+        _write_checkpoint(state, modules, path, components, metadata, [rng_json])
+    return path
+
+
+# The steps of save_checkpoint. Nothing is written before every check has passed.
+
+
+def _check_save_arguments(state: Any) -> tuple[int, int, float]:
+    """``(step, iteration, kl_coef)`` after checking every field ``save_checkpoint`` reads."""
     if not isinstance(state, TrainingState):
         raise TypeError(f"state must be a TrainingState, got {type(state).__name__}")
     _check_module(state.policy, "state.policy", required=True)
@@ -747,8 +775,11 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
         kl_coef = float(state.kl_coef)
     except (TypeError, ValueError) as error:
         raise TypeError(f"state.kl_coef must be a real number, got {state.kl_coef!r}") from error
-    rng_state = capture_rng_state() if state.rng_state is None else state.rng_state
-    rng_json = _rng_to_json(_normalize_rng_state(rng_state, "state.rng_state"))
+    return step, iteration, kl_coef
+
+
+def _check_save_path(path: Any) -> str:
+    """The absolute checkpoint path; an existing non-checkpoint there is refused."""
     path = os.fspath(path)
     if not isinstance(path, str) or not path:
         raise ValueError(f"path must be a non-empty path, got {path!r}")
@@ -758,8 +789,13 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
             f"path {path!r} exists and is not an rlprim checkpoint (no {_MANIFEST}); "
             "refusing to replace it"
         )
+    return path
 
-    modules = {name: unwrap_model(getattr(state, name)) for name in _MODEL_COMPONENTS}
+
+def _saved_components(
+    state: TrainingState, modules: Mapping[str, nn.Module | None]
+) -> dict[str, Any]:
+    """What ``state.json`` records of each component: its class, or that it aliases the policy."""
     components: dict[str, Any] = {
         "tokenizer": None if state.tokenizer is None else {"class": type(state.tokenizer).__name__},
         "optimizer": None if state.optimizer is None else {"class": type(state.optimizer).__name__},
@@ -773,44 +809,42 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike[str], extra: A
             components[name] = {"alias": "policy"}
         else:
             components[name] = _component_info(module)
-    metadata = {
-        "step": step,
-        "iteration": iteration,
-        "kl_coef": kl_coef,
-        "config": _to_json(state.config, "state.config"),
-        "loader_state": _to_json(state.loader_state, "state.loader_state"),
-        "extra": _to_json(extra, "extra"),
-        "components": components,
-        "torch_version": torch.__version__,
-    }
+    return components
 
-    # --- data parallel: rank 0 writes every rank's RNG states; the others wait for it ---
-    if is_distributed():
-        rank_rngs = all_gather_objects(rng_json)
-        # FSDP2: every rank takes part in gathering the sharded weights and optimizer moments.
-        full_weights = {
-            name: full_state_dict(module)
-            for name, module in modules.items()
-            if is_fsdp_module(module) and "alias" not in components[name]
-        }
-        optimizer_state = _full_optimizer_state(state.optimizer)
-        failure: BaseException | None = None
-        if get_distributed_info().rank == 0:
-            try:
-                _write_checkpoint(
-                    state, modules, path, components, metadata, rank_rngs, full_weights,
-                    optimizer_state,
-                )
-            except BaseException as error:  # re-raised below, after telling the other ranks
-                failure = error
-        if all_reduce_scalars([0.0 if failure is None else 1.0])[0]:
-            if failure is not None:
-                raise failure
-            raise RuntimeError(f"save_checkpoint: rank 0 failed to write {path!r} (see its error)")
-        return path
-    # --- end data parallel ---
-    _write_checkpoint(state, modules, path, components, metadata, [rng_json])
-    return path
+
+def _save_from_rank_zero(
+    state: TrainingState,
+    modules: Mapping[str, nn.Module | None],
+    path: str,
+    components: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    rng_json: Any,
+) -> None:
+    """Data parallel: rank 0 writes every rank's RNG states; the others wait for it.
+
+    Collective: every rank calls it. An error on rank 0 is raised on every rank.
+    """
+    rank_rngs = all_gather_objects(rng_json)
+    # FSDP2: every rank takes part in gathering the sharded weights and optimizer moments.
+    full_weights = {
+        name: full_state_dict(module)
+        for name, module in modules.items()
+        if is_fsdp_module(module) and "alias" not in components[name]
+    }
+    optimizer_state = _full_optimizer_state(state.optimizer)
+    failure: BaseException | None = None
+    if get_distributed_info().rank == 0:
+        try:
+            _write_checkpoint(
+                state, modules, path, components, metadata, rank_rngs, full_weights,
+                optimizer_state,
+            )
+        except BaseException as error:  # re-raised below, after telling the other ranks
+            failure = error
+    if all_reduce_scalars([0.0 if failure is None else 1.0])[0]:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"save_checkpoint: rank 0 failed to write {path!r} (see its error)")
 
 
 def _write_checkpoint(
@@ -1128,19 +1162,69 @@ def load_checkpoint(
       ``capture_rng_state`` returns them) and ``config`` (an ``AlgorithmConfig`` when one was
       saved) from the checkpoint.
     """
+    state = _check_load_arguments(state, restore_rng)
+    device = torch.device(map_location)
+    path = os.path.abspath(os.fspath(path))
+    verify_checkpoint(path)  # 1
+    saved = _read_checkpoint(path, device)  # 2
+    targets, to_rebuild, copies = _match_models(path, state, saved)  # 3
+    optimizer_state, scheduler_state = _match_optimizer_and_scheduler(path, state, saved, device)
+    rebuilt, rebuilt_copies = _rebuild_models(path, to_rebuild, saved, device)  # 4
+    tokenizer = state.tokenizer
+    if tokenizer is None and saved.components.get("tokenizer") is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "policy"))
+    _apply_loaded(  # 5
+        state, copies + rebuilt_copies, optimizer_state, scheduler_state,
+        saved.rng_state if restore_rng else None,
+    )
+    models = _loaded_models(state, saved.components, targets, rebuilt)
+    return state._replace(
+        policy=models["policy"],
+        tokenizer=tokenizer,
+        ref_model=models["ref_model"],
+        value_model=models["value_model"],
+        optimizer=state.optimizer if optimizer_state is not None else None,
+        scheduler=state.scheduler if scheduler_state is not None else None,
+        step=int(saved.raw["step"]),
+        iteration=int(saved.raw["iteration"]),
+        kl_coef=float(saved.raw["kl_coef"]),
+        rng_state=saved.rng_state,
+        config=saved.config,
+        loader_state=saved.loader_state,
+    )
+
+
+# The steps of load_checkpoint, in order. Nothing of the caller's changes before _apply_loaded.
+
+
+class _SavedCheckpoint(NamedTuple):
+    """A verified checkpoint read into memory (step 2 of ``load_checkpoint``)."""
+
+    raw: dict[str, Any]  # state.json
+    components: dict[str, Any]  # what was saved, and how (an "alias" shares the policy's weights)
+    rng_state: dict[str, Any]  # this rank's RNG states
+    config: Any
+    loader_state: Any
+    weights: dict[str, dict[str, torch.Tensor]]  # component -> safetensors tensors
+
+
+def _check_load_arguments(state: Any, restore_rng: Any) -> TrainingState:
+    """``state`` (a new empty one for ``None``) after checking the arguments' types."""
     if state is not None and not isinstance(state, TrainingState):
         raise TypeError(f"state must be a TrainingState or None, got {type(state).__name__}")
     if not isinstance(restore_rng, bool):
         raise TypeError(f"restore_rng must be a bool, got {type(restore_rng).__name__}")
-    device = torch.device(map_location)
     if state is None:
         state = TrainingState(policy=None, tokenizer=None, optimizer=None)
     for name in _MODEL_COMPONENTS:
         _check_module(getattr(state, name), f"state.{name}", required=False)
-    path = os.path.abspath(os.fspath(path))
+    return state
 
-    # 1-2: verify, then read everything into memory.
-    verify_checkpoint(path)
+
+def _read_checkpoint(path: str, device: torch.device) -> _SavedCheckpoint:
+    """Metadata, this rank's RNG states and every saved model's weights, from a verified dir."""
     raw = _read_state_json(path)
     rng_file = _RNG
     rank = get_distributed_info().rank if is_distributed() else 0
@@ -1164,8 +1248,18 @@ def load_checkpoint(
                 raise ValueError(
                     f"checkpoint {path!r}: cannot read {relative!r}: {error}"
                 ) from error
+    return _SavedCheckpoint(raw, components, rng_state, config, loader_state, weights)
 
-    # 3: match every component to its target.
+
+def _match_models(
+    path: str, state: TrainingState, saved: _SavedCheckpoint
+) -> tuple[dict[str, nn.Module | None], list[str], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(targets, to_rebuild, copies)``: each given model matched to its saved weights.
+
+    ``targets[name]`` is the given model (unwrapped) or ``None``; ``to_rebuild`` lists saved
+    models that ``state`` leaves ``None``; ``copies`` the ``(target, source)`` tensor pairs.
+    """
+    components = saved.components
     targets: dict[str, nn.Module | None] = {}
     to_rebuild: list[str] = []
     for name in _MODEL_COMPONENTS:
@@ -1192,44 +1286,60 @@ def load_checkpoint(
             continue
         source = "policy" if "alias" in info else name
         copies += _match_weights(
-            target, weights[source], name, f"checkpoint {path!r}: {source}/{_WEIGHTS}"
+            target, saved.weights[source], name, f"checkpoint {path!r}: {source}/{_WEIGHTS}"
         )
+    return targets, to_rebuild, copies
 
+
+def _match_optimizer_and_scheduler(
+    path: str, state: TrainingState, saved: _SavedCheckpoint, device: torch.device
+) -> tuple[Any, Any]:
+    """The saved optimizer and scheduler state_dicts (``None`` where not given), checked."""
     optimizer_state = scheduler_state = None
     for key, relative, given in (
         ("optimizer", _OPTIMIZER, state.optimizer),
         ("scheduler", _SCHEDULER, state.scheduler),
     ):
-        info = components.get(key)
+        info = saved.components.get(key)
         if info is None and given is not None:
             raise ValueError(
                 f"checkpoint {path!r} has no {key} state, but state.{key} is given; pass "
                 f"state._replace({key}=None) to load without it"
             )
         if info is not None and given is not None:
-            saved = _load_torch_file(path, relative, device)
+            loaded = _load_torch_file(path, relative, device)
             if key == "optimizer":
-                _check_optimizer(given, saved, info, path)
-                optimizer_state = saved
+                _check_optimizer(given, loaded, info, path)
+                optimizer_state = loaded
             else:
-                _check_scheduler(given, saved, info, path)
-                scheduler_state = saved
+                _check_scheduler(given, loaded, info, path)
+                scheduler_state = loaded
+    return optimizer_state, scheduler_state
 
-    # 4: rebuild what was not given (new objects only: nothing of the caller's changes).
+
+def _rebuild_models(
+    path: str, names: list[str], saved: _SavedCheckpoint, device: torch.device
+) -> tuple[dict[str, nn.Module], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """New models for ``names`` (not given in ``state``) and the copies that fill them."""
     rebuilt: dict[str, nn.Module] = {}
-    for name in to_rebuild:
-        model = _rebuild_model(path, name, components[name], weights[name], device)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name in names:
+        model = _rebuild_model(path, name, saved.components[name], saved.weights[name], device)
         copies += _match_weights(
-            model, weights[name], name, f"checkpoint {path!r}: {name}/{_WEIGHTS}"
+            model, saved.weights[name], name, f"checkpoint {path!r}: {name}/{_WEIGHTS}"
         )
         rebuilt[name] = model
-    tokenizer = state.tokenizer
-    if tokenizer is None and components.get("tokenizer") is not None:
-        from transformers import AutoTokenizer
+    return rebuilt, copies
 
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "policy"))
 
-    # 5: apply.
+def _apply_loaded(
+    state: TrainingState,
+    copies: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer_state: Any,
+    scheduler_state: Any,
+    rng_state: Mapping[str, Any] | None,
+) -> None:
+    """Copies the weights in place, loads optimizer / scheduler state, restores the RNGs."""
     with torch.no_grad():
         for target_tensor, source_tensor in copies:
             copy_into(target_tensor, source_tensor)  # a DTensor shard keeps its own slice
@@ -1237,31 +1347,26 @@ def load_checkpoint(
         state.optimizer.load_state_dict(_sharded_optimizer_state(state.optimizer, optimizer_state))
     if scheduler_state is not None:
         state.scheduler.load_state_dict(scheduler_state)
-    if restore_rng:
+    if rng_state is not None:
         restore_rng_state(rng_state)
 
+
+def _loaded_models(
+    state: TrainingState,
+    components: Mapping[str, Any],
+    targets: Mapping[str, nn.Module | None],
+    rebuilt: Mapping[str, nn.Module],
+) -> dict[str, Any]:
+    """The returned policy / ref_model / value_model: given wrappers come back as given."""
     models = {}
-    for name in _MODEL_COMPONENTS:  # given wrappers come back as given
+    for name in _MODEL_COMPONENTS:
         given = getattr(state, name)
         models[name] = given if given is not None else targets[name] or rebuilt.get(name)
     for name in ("ref_model", "value_model"):
         info = components.get(name)
         if info is not None and "alias" in info and models[name] is None:
             models[name] = models["policy"]
-    return state._replace(
-        policy=models["policy"],
-        tokenizer=tokenizer,
-        ref_model=models["ref_model"],
-        value_model=models["value_model"],
-        optimizer=state.optimizer if optimizer_state is not None else None,
-        scheduler=state.scheduler if scheduler_state is not None else None,
-        step=int(raw["step"]),
-        iteration=int(raw["iteration"]),
-        kl_coef=float(raw["kl_coef"]),
-        rng_state=rng_state,
-        config=config,
-        loader_state=loader_state,
-    )
+    return models
 
 
 # --------------------------------------------------------------------------- directories

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlprim.distributed import unwrap_model
+from rlprim.model_wrappers import unwrap_model
 
 __all__ = ["create_value_model", "get_values"]
 

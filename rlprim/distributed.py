@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlprim.model_wrappers import is_fsdp_module, unwrap_model
 from rlprim.types import TrainingState
 
 __all__ = [
@@ -349,19 +350,6 @@ def rank_seed(seed: int | None, rank: int) -> int | None:
 # --------------------------------------------------------------------------- models
 
 
-def unwrap_model(model: Any) -> Any:
-    """The module inside ``DistributedDataParallel`` wrappers (nested ones too); else ``model``.
-
-    rlprim's functions call it before reaching the Hugging Face model's own attributes
-    (``config``, ``base_model``, ``generate``, ``state_dict`` keys without ``module.``).
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    while isinstance(model, DistributedDataParallel):
-        model = model.module
-    return model
-
-
 @contextlib.contextmanager
 def no_sync(*models: Any) -> Iterator[None]:
     """Enter ``model.no_sync()`` of every DDP-wrapped ``model`` (others are skipped).
@@ -391,20 +379,6 @@ def broadcast_module(module: nn.Module, src: int = 0) -> nn.Module:
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=src)
     return module
-
-
-def is_fsdp_module(model: Any) -> bool:
-    """True when ``model`` was sharded with FSDP2 ``fully_shard`` (``wrap_training_state(...,
-    strategy="fsdp")``).
-
-    FSDP2 changes the module's class in place (no wrapper): its parameters are ``DTensor``
-    shards, and a forward all-gathers them, unit by unit.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
 
 
 def _fsdp_units(*models: Any) -> list[nn.Module]:

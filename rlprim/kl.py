@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rlprim.checks import check_int, check_mask, check_number, check_positive
 from rlprim.protocols import KLFn, RefModelUpdateFn
 
 __all__ = [
@@ -81,20 +82,7 @@ def _check_mask(mask: object, like: torch.Tensor) -> torch.Tensor | None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape != like.shape:
-        raise ValueError(
-            f"mask must have the same shape as logprobs {tuple(like.shape)}, "
-            f"got {tuple(mask.shape)}"
-        )
-    if mask.dtype != torch.bool:
-        binary = (mask == 0) | (mask == 1)
-        if not bool(binary.all()):
-            index = tuple(int(i) for i in (~binary).nonzero()[0])
-            raise ValueError(
-                f"mask must contain only 0 and 1, got {mask[index].item()} at index {index}"
-            )
-        mask = mask != 0
-    return mask.to(like.device)
+    return check_mask(mask, like, "logprobs")
 
 
 def _apply_mask(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -125,32 +113,12 @@ def _check_kl_fn_output(out: object, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    if not (0.0 < value < math.inf):  # also rejects NaN
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
 def _check_finite_number(name: str, value: object) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_number(name, value)
 
 
 def _check_module(name: str, value: object) -> nn.Module:
@@ -440,7 +408,7 @@ def kl_from_logits(
             f"{tuple(logits.shape)}"
         )
     direction = _check_direction(direction)
-    temperature = _check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     # At least float32: a bf16/fp16 log-softmax over a large vocabulary loses the KL's digits.
     dtype = torch.promote_types(torch.promote_types(logits.dtype, ref_logits.dtype), torch.float32)
     log_p = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -472,7 +440,7 @@ def create_truncated_kl(threshold: float, estimator: str = "k3") -> KLFn:
     Returns:
       ``kl_fn(logprobs [...], ref_logprobs [...]) -> [...]``.
     """
-    threshold = _check_positive("threshold", threshold)
+    threshold = check_positive("threshold", threshold)
     base = KL_ESTIMATORS[_check_estimator(estimator)]
 
     def truncated_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -500,7 +468,7 @@ def create_adaptive_kl(confidence_threshold: float, estimator: str = "k3") -> KL
     Returns:
       ``kl_fn(logprobs [...], ref_logprobs [...]) -> [...]``, 0 on unconfident tokens.
     """
-    confidence_threshold = _check_positive("confidence_threshold", confidence_threshold)
+    confidence_threshold = check_positive("confidence_threshold", confidence_threshold)
     if confidence_threshold > 1.0:
         raise ValueError(
             f"confidence_threshold must be a probability in (0, 1], got {confidence_threshold}"
@@ -544,15 +512,15 @@ def create_adaptive_kl_controller(
     init_coef = _check_finite_number("init_coef", init_coef)
     if init_coef < 0:
         raise ValueError(f"init_coef must be >= 0, got {init_coef}")
-    target = _check_positive("target", target)
-    horizon = _check_positive("horizon", horizon)
+    target = check_positive("target", target)
+    horizon = check_positive("horizon", horizon)
 
     def update(coef: float | None, observed_kl: float | torch.Tensor, n_steps: int = 1) -> float:
         coef = init_coef if coef is None else _check_finite_number("coef", coef)
         if coef < 0:
             raise ValueError(f"coef must be >= 0, got {coef}")
         observed_kl = _check_finite_number("observed_kl", observed_kl)
-        n_steps = _check_int("n_steps", n_steps, 0)
+        n_steps = check_int("n_steps", n_steps, 0)
         if n_steps * CONTROLLER_ERROR_CLIP >= horizon:
             raise ValueError(
                 f"n_steps must be < 5 · horizon = {5 * horizon} so the coefficient stays "
@@ -614,7 +582,7 @@ def update_reference_model(
     _check_module("policy", policy)
     if not callable(update_fn):
         raise TypeError(f"update_fn must be callable, got {type(update_fn).__name__}")
-    step = _check_int("step", step, 0)
+    step = check_int("step", step, 0)
     new_ref = update_fn(ref_model, policy, step)
     if not isinstance(new_ref, nn.Module):
         raise TypeError(
@@ -686,12 +654,12 @@ def create_ema_updater(decay: float, update_every: int = 1) -> RefModelUpdateFn:
     if not (0.0 <= decay <= 1.0):  # also rejects NaN
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     decay = float(decay)
-    update_every = _check_int("update_every", update_every, 1)
+    update_every = check_int("update_every", update_every, 1)
 
     def ema_update(ref_model: nn.Module, policy: nn.Module, step: int) -> nn.Module:
         _check_module("ref_model", ref_model)
         _check_module("policy", policy)
-        step = _check_int("step", step, 0)
+        step = check_int("step", step, 0)
         params, buffers = _matched_tensors(ref_model, policy)  # all checks before any change
         if not _is_update_step(step, update_every) or decay == 1.0:
             return ref_model
@@ -724,12 +692,12 @@ def create_periodic_updater(update_every: int) -> RefModelUpdateFn:
     Returns:
       ``update_fn(ref_model, policy, step) -> ref_model`` (the same object, updated in place).
     """
-    update_every = _check_int("update_every", update_every, 1)
+    update_every = check_int("update_every", update_every, 1)
 
     def periodic_update(ref_model: nn.Module, policy: nn.Module, step: int) -> nn.Module:
         _check_module("ref_model", ref_model)
         _check_module("policy", policy)
-        step = _check_int("step", step, 0)
+        step = check_int("step", step, 0)
         params, buffers = _matched_tensors(ref_model, policy)
         if not _is_update_step(step, update_every):
             return ref_model

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlprim.distributed import is_fsdp_module, unwrap_model
+from rlprim.model_wrappers import is_fsdp_module, unwrap_model
 
 __all__ = [
     "FUSED_HEAD_MODEL_TYPES",

@@ -26,6 +26,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rlprim.checks import (
+    check_float_tensor,
+    check_mask,
+    check_nonnegative,
+    check_number,
+    check_same_shape,
+    check_tensor,
+)
 from rlprim.kl import KL_ESTIMATORS, compute_per_token_kl
 
 __all__ = [
@@ -57,53 +65,17 @@ LOG_RATIO_CLAMP = 20.0
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if ndim is not None and x.dim() != ndim:
-        expected = {1: "[B]", 2: "[B, T]"}.get(ndim, f"{ndim}-D")
-        raise ValueError(
-            f"{name} must have {ndim} dimension(s) {expected}, got shape {tuple(x.shape)}"
-        )
-    return x
-
-
-def _check_float_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor:
-    x = _check_tensor(name, x, ndim)
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
-
-
-def _check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if x.shape != ref.shape:
-        raise ValueError(
-            f"{name} must have the same shape as {ref_name} {tuple(ref.shape)}, "
-            f"got {tuple(x.shape)}"
-        )
-
-
-def _check_mask(mask: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
-    """Returns the mask as a bool tensor on ``like``'s device; ``None`` means all valid."""
-    if mask is None:
-        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
-    mask = _check_tensor("mask", mask)
-    _check_same_shape("mask", mask, like_name, like)
-    if mask.dtype != torch.bool:
-        binary = (mask == 0) | (mask == 1)
-        if not bool(binary.all()):
-            index = tuple(int(i) for i in (~binary).nonzero()[0])
-            raise ValueError(
-                f"mask must contain only 0 and 1 (or be bool), got {mask[index].item()} "
-                f"at index {index}"
-            )
-        mask = mask != 0
-    return mask.to(like.device)
+def _check_positive(name: str, value: object) -> float:
+    # Not checks.check_positive: beta and cap keep their own messages (">= 0", then "> 0").
+    value = check_nonnegative(name, value)
+    if value == 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
 
 
 def _check_advantages(advantages: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
     """Returns ``[B, T]`` detached advantages: ``[B]`` is broadcast over tokens."""
-    advantages = _check_float_tensor("advantages", advantages)
+    advantages = check_float_tensor("advantages", advantages)
     batch, length = like.shape
     if advantages.shape == (batch,):
         advantages = advantages.unsqueeze(1).expand(batch, length)
@@ -115,32 +87,9 @@ def _check_advantages(advantages: object, like: torch.Tensor, like_name: str) ->
     return advantages.detach().to(device=like.device, dtype=like.dtype)
 
 
-def _check_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__}")
-    if not (0.0 <= value < math.inf):  # also rejects NaN
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def _check_positive(name: str, value: object) -> float:
-    value = _check_nonnegative(name, value)
-    if value == 0.0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
 def _check_clip_range(clip_eps_low: object, clip_eps_high: object | None) -> tuple[float, float]:
-    low = _check_nonnegative("clip_eps_low", clip_eps_low)
-    high = low if clip_eps_high is None else _check_nonnegative("clip_eps_high", clip_eps_high)
+    low = check_nonnegative("clip_eps_low", clip_eps_low)
+    high = low if clip_eps_high is None else check_nonnegative("clip_eps_high", clip_eps_high)
     return low, high
 
 
@@ -188,10 +137,10 @@ def _check_kl_estimator(kl_estimator: object, kl_fn: object | None) -> None:
 def _check_policy_inputs(
     new_logprobs: object, old_logprobs: object, advantages: object, mask: object
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    new_logprobs = _check_float_tensor("new_logprobs", new_logprobs, ndim=2)
-    old_logprobs = _check_float_tensor("old_logprobs", old_logprobs)
-    _check_same_shape("old_logprobs", old_logprobs, "new_logprobs", new_logprobs)
-    valid = _check_mask(mask, new_logprobs, "new_logprobs")
+    new_logprobs = check_float_tensor("new_logprobs", new_logprobs, ndim=2)
+    old_logprobs = check_float_tensor("old_logprobs", old_logprobs)
+    check_same_shape("old_logprobs", old_logprobs, "new_logprobs", new_logprobs)
+    valid = check_mask(mask, new_logprobs, "new_logprobs")
     advantages = _check_advantages(advantages, new_logprobs, "new_logprobs")
     old_logprobs = old_logprobs.detach().to(device=new_logprobs.device, dtype=new_logprobs.dtype)
     return new_logprobs, old_logprobs, advantages, valid
@@ -203,8 +152,8 @@ def _check_token_weights(
     """``None`` or a detached float ``[B, T]`` tensor shaped like ``like`` (a constant factor)."""
     if token_weights is None:
         return None
-    weights = _check_float_tensor(name, token_weights)
-    _check_same_shape(name, weights, "new_logprobs", like)
+    weights = check_float_tensor(name, token_weights)
+    check_same_shape(name, weights, "new_logprobs", like)
     return weights.detach().to(device=like.device, dtype=like.dtype)
 
 
@@ -337,8 +286,8 @@ def aggregate_loss(
       TypeError / ValueError: a non-tensor or non-2-D loss, a mask of another shape or not 0/1,
         an unknown ``mode``, ``norm_length`` < 1.
     """
-    per_token_loss = _check_float_tensor("per_token_loss", per_token_loss, ndim=2)
-    valid = _check_mask(mask, per_token_loss, "per_token_loss")
+    per_token_loss = check_float_tensor("per_token_loss", per_token_loss, ndim=2)
+    valid = check_mask(mask, per_token_loss, "per_token_loss")
     mode = _check_agg_mode(mode, "mode")
     norm_length = _check_norm_length(norm_length)
     return _aggregate(per_token_loss, valid, mode, norm_length)
@@ -468,7 +417,7 @@ def compute_grpo_loss(
     new_logprobs, old_logprobs, advantages, valid = _check_policy_inputs(
         new_logprobs, old_logprobs, advantages, mask
     )
-    kl_coef = _check_nonnegative("kl_coef", kl_coef)
+    kl_coef = check_nonnegative("kl_coef", kl_coef)
     if ref_logprobs is None:
         if kl_coef > 0:
             raise ValueError(
@@ -476,8 +425,8 @@ def compute_grpo_loss(
                 f"kl_coef={kl_coef}"
             )
     else:
-        ref_logprobs = _check_float_tensor("ref_logprobs", ref_logprobs)
-        _check_same_shape("ref_logprobs", ref_logprobs, "new_logprobs", new_logprobs)
+        ref_logprobs = check_float_tensor("ref_logprobs", ref_logprobs)
+        check_same_shape("ref_logprobs", ref_logprobs, "new_logprobs", new_logprobs)
     _check_kl_estimator(kl_estimator, kl_fn)
     eps_low, eps_high = _check_clip_range(clip_eps_low, clip_eps_high)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
@@ -545,6 +494,68 @@ def compute_dapo_loss(
     )
 
 
+def _check_sequence_weights(
+    sequence_weights: object | None, like: torch.Tensor
+) -> torch.Tensor | None:
+    """``None`` or detached ``[B]`` weights on ``like``'s device and dtype."""
+    if sequence_weights is None:
+        return None
+    seq_weights = check_float_tensor("sequence_weights", sequence_weights)
+    if seq_weights.shape != (like.shape[0],):
+        raise ValueError(
+            f"sequence_weights must have shape [B] = ({like.shape[0]},), got "
+            f"{tuple(seq_weights.shape)}"
+        )
+    return seq_weights.detach().to(like)
+
+
+def _gspo_sequence_loss(
+    seq_ratio: torch.Tensor,
+    seq_advantages: torch.Tensor,
+    has_tokens: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    seq_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO: ``(mean_i l_i over sequences with tokens, clip active [B])``, ``[B]`` inputs."""
+    seq_advantages = _zero_masked(seq_advantages, has_tokens)
+    unclipped = -seq_advantages * seq_ratio
+    clipped = -seq_advantages * torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high)
+    seq_clip_active = clipped > unclipped
+    per_seq = torch.where(seq_clip_active, clipped, unclipped)
+    if seq_weights is not None:
+        per_seq = per_seq * _zero_masked(seq_weights, has_tokens)
+    loss = per_seq.sum() / torch.clamp(has_tokens.sum(), min=1).to(per_seq.dtype)
+    return loss, seq_clip_active
+
+
+def _gspo_token_loss(
+    new_logprobs: torch.Tensor,
+    seq_ratio: torch.Tensor,
+    token_advantages: torch.Tensor,
+    valid: torch.Tensor,
+    has_tokens: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    seq_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO-token: ``(seq-mean-token-mean loss, clip active on any token [B])``."""
+    # s_it: value s_i, gradient s_i · ∇logπ_θ(y_it) through its own token only.
+    token_logprobs = _zero_masked(new_logprobs, valid)
+    token_ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(
+        token_logprobs - token_logprobs.detach()
+    )
+    token_advantages = _zero_masked(token_advantages, valid)
+    unclipped = -token_advantages * token_ratio
+    clipped = -token_advantages * torch.clamp(token_ratio, 1.0 - eps_low, 1.0 + eps_high)
+    clip_active = clipped > unclipped
+    per_token = torch.where(clip_active, clipped, unclipped)
+    if seq_weights is not None:
+        per_token = per_token * _zero_masked(seq_weights, has_tokens).unsqueeze(1)
+    loss = _aggregate(per_token, valid, "seq-mean-token-mean", None)
+    return loss, (clip_active & valid).any(dim=1)
+
+
 def compute_gspo_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -590,11 +601,11 @@ def compute_gspo_loss(
       TypeError / ValueError: shapes that differ (naming both), advantages of the wrong shape
         for the variant, a mask not 0/1, a negative ε, an unknown ``variant``.
     """
-    new_logprobs = _check_float_tensor("new_logprobs", new_logprobs, ndim=2)
+    new_logprobs = check_float_tensor("new_logprobs", new_logprobs, ndim=2)
     if variant not in GSPO_VARIANTS:
         raise ValueError(f"variant must be one of {list(GSPO_VARIANTS)}, got {variant!r}")
     if variant == "sequence":
-        advantages = _check_float_tensor("advantages", advantages)
+        advantages = check_float_tensor("advantages", advantages)
         if advantages.shape != (new_logprobs.shape[0],):
             raise ValueError(
                 f"advantages must have shape [B] = ({new_logprobs.shape[0]},) for GSPO's "
@@ -606,15 +617,7 @@ def compute_gspo_loss(
         new_logprobs, old_logprobs, advantages, mask
     )
     eps_low, eps_high = _check_clip_range(clip_eps_low, clip_eps_high)
-    seq_weights = None
-    if sequence_weights is not None:
-        seq_weights = _check_float_tensor("sequence_weights", sequence_weights)
-        if seq_weights.shape != (new_logprobs.shape[0],):
-            raise ValueError(
-                f"sequence_weights must have shape [B] = ({new_logprobs.shape[0]},), got "
-                f"{tuple(seq_weights.shape)}"
-            )
-        seq_weights = seq_weights.detach().to(new_logprobs)
+    seq_weights = _check_sequence_weights(sequence_weights, new_logprobs)
 
     log_ratio = _zero_masked(new_logprobs - old_logprobs, valid)
     lengths = valid.sum(dim=1)
@@ -624,29 +627,14 @@ def compute_gspo_loss(
     seq_ratio = torch.exp(seq_log_ratio)
 
     if variant == "sequence":
-        seq_advantages = _zero_masked(seq_advantages, has_tokens)
-        unclipped = -seq_advantages * seq_ratio
-        clipped = -seq_advantages * torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high)
-        seq_clip_active = clipped > unclipped
-        per_seq = torch.where(seq_clip_active, clipped, unclipped)
-        if seq_weights is not None:
-            per_seq = per_seq * _zero_masked(seq_weights, has_tokens)
-        loss = per_seq.sum() / torch.clamp(has_tokens.sum(), min=1).to(per_seq.dtype)
-    else:
-        # s_it: value s_i, gradient s_i · ∇logπ_θ(y_it) through its own token only.
-        token_logprobs = _zero_masked(new_logprobs, valid)
-        token_ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(
-            token_logprobs - token_logprobs.detach()
+        loss, seq_clip_active = _gspo_sequence_loss(
+            seq_ratio, seq_advantages, has_tokens, eps_low, eps_high, seq_weights
         )
-        token_advantages = _zero_masked(token_advantages, valid)
-        unclipped = -token_advantages * token_ratio
-        clipped = -token_advantages * torch.clamp(token_ratio, 1.0 - eps_low, 1.0 + eps_high)
-        clip_active = clipped > unclipped
-        per_token = torch.where(clip_active, clipped, unclipped)
-        if seq_weights is not None:
-            per_token = per_token * _zero_masked(seq_weights, has_tokens).unsqueeze(1)
-        loss = _aggregate(per_token, valid, "seq-mean-token-mean", None)
-        seq_clip_active = (clip_active & valid).any(dim=1)
+    else:
+        loss, seq_clip_active = _gspo_token_loss(
+            new_logprobs, seq_ratio, token_advantages, valid, has_tokens, eps_low, eps_high,
+            seq_weights,
+        )
 
     metrics = {
         "policy_loss": float(loss.detach()),
@@ -706,8 +694,8 @@ def compute_cispo_loss(
     new_logprobs, old_logprobs, advantages, valid = _check_policy_inputs(
         new_logprobs, old_logprobs, advantages, mask
     )
-    eps_high = _check_nonnegative("clip_eps_high", clip_eps_high)
-    lower = 0.0 if clip_eps_low is None else 1.0 - _check_nonnegative("clip_eps_low", clip_eps_low)
+    eps_high = check_nonnegative("clip_eps_high", clip_eps_high)
+    lower = 0.0 if clip_eps_low is None else 1.0 - check_nonnegative("clip_eps_low", clip_eps_low)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
     weights = _check_token_weights(token_weights, new_logprobs)
@@ -760,8 +748,8 @@ def compute_reinforce_loss(
       TypeError / ValueError: a non-2-D ``new_logprobs``, advantages neither ``[B]`` nor
         ``[B, T]``, a mask not 0/1, an unknown ``loss_agg_mode``, ``norm_length`` < 1.
     """
-    new_logprobs = _check_float_tensor("new_logprobs", new_logprobs, ndim=2)
-    valid = _check_mask(mask, new_logprobs, "new_logprobs")
+    new_logprobs = check_float_tensor("new_logprobs", new_logprobs, ndim=2)
+    valid = check_mask(mask, new_logprobs, "new_logprobs")
     advantages = _check_advantages(advantages, new_logprobs, "new_logprobs")
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
@@ -821,10 +809,10 @@ def compute_tis_weights(
       TypeError / ValueError: tensors that are not 2-D floats of one shape, a mask not 0/1,
         ``cap ≤ 0`` or not finite, an unknown ``level``.
     """
-    train_logprobs = _check_float_tensor("train_logprobs", train_logprobs, ndim=2)
-    engine_logprobs = _check_float_tensor("engine_logprobs", engine_logprobs)
-    _check_same_shape("engine_logprobs", engine_logprobs, "train_logprobs", train_logprobs)
-    valid = _check_mask(mask, train_logprobs, "train_logprobs")
+    train_logprobs = check_float_tensor("train_logprobs", train_logprobs, ndim=2)
+    engine_logprobs = check_float_tensor("engine_logprobs", engine_logprobs)
+    check_same_shape("engine_logprobs", engine_logprobs, "train_logprobs", train_logprobs)
+    valid = check_mask(mask, train_logprobs, "train_logprobs")
     cap = _check_positive("cap", cap)
     if not math.isfinite(cap):
         raise ValueError(f"cap must be finite, got {cap}")
@@ -893,14 +881,14 @@ def compute_value_loss(
       TypeError / ValueError: shapes that differ (naming both), a mask not 0/1, a negative
         ``value_clip``, an unknown ``loss_agg_mode``, ``norm_length`` < 1.
     """
-    new_values = _check_float_tensor("new_values", new_values, ndim=2)
-    old_values = _check_float_tensor("old_values", old_values)
-    _check_same_shape("old_values", old_values, "new_values", new_values)
-    returns = _check_float_tensor("returns", returns)
-    _check_same_shape("returns", returns, "new_values", new_values)
-    valid = _check_mask(mask, new_values, "new_values")
+    new_values = check_float_tensor("new_values", new_values, ndim=2)
+    old_values = check_float_tensor("old_values", old_values)
+    check_same_shape("old_values", old_values, "new_values", new_values)
+    returns = check_float_tensor("returns", returns)
+    check_same_shape("returns", returns, "new_values", new_values)
+    valid = check_mask(mask, new_values, "new_values")
     if value_clip is not None:
-        value_clip = _check_nonnegative("value_clip", value_clip)
+        value_clip = check_nonnegative("value_clip", value_clip)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
 
@@ -949,9 +937,9 @@ def compute_entropy_bonus(
       TypeError / ValueError: a non-2-D entropy, a mask of another shape or not 0/1, a
         non-finite ``entropy_coef``, an unknown ``loss_agg_mode``, ``norm_length`` < 1.
     """
-    entropy = _check_float_tensor("entropy", entropy, ndim=2)
-    valid = _check_mask(mask, entropy, "entropy")
-    entropy_coef = _check_number("entropy_coef", entropy_coef)
+    entropy = check_float_tensor("entropy", entropy, ndim=2)
+    valid = check_mask(mask, entropy, "entropy")
+    entropy_coef = check_number("entropy_coef", entropy_coef)
     loss_agg_mode = _check_agg_mode(loss_agg_mode)
     norm_length = _check_norm_length(norm_length)
     term = -entropy_coef * _aggregate(entropy, valid, loss_agg_mode, norm_length)
@@ -980,7 +968,7 @@ def compute_dpo_pairs(rewards: torch.Tensor, group_size: int) -> tuple[torch.Ten
       TypeError / ValueError: a non-1-D ``rewards``, a non-finite reward (naming its index),
         ``group_size`` < 1 or not dividing ``B``.
     """
-    rewards = _check_tensor("rewards", rewards, ndim=1)
+    rewards = check_tensor("rewards", rewards, ndim=1)
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     if group_size < 1:
@@ -1051,15 +1039,15 @@ def compute_dpo_loss(
       TypeError / ValueError: inputs that are not 1-D or differ in shape (naming both),
         ``beta`` ≤ 0, an unknown ``loss_type``.
     """
-    policy_chosen_logps = _check_float_tensor("policy_chosen_logps", policy_chosen_logps, ndim=1)
+    policy_chosen_logps = check_float_tensor("policy_chosen_logps", policy_chosen_logps, ndim=1)
     others = {
         "policy_rejected_logps": policy_rejected_logps,
         "ref_chosen_logps": ref_chosen_logps,
         "ref_rejected_logps": ref_rejected_logps,
     }
     for name, value in others.items():
-        _check_same_shape(
-            name, _check_float_tensor(name, value), "policy_chosen_logps", policy_chosen_logps
+        check_same_shape(
+            name, check_float_tensor(name, value), "policy_chosen_logps", policy_chosen_logps
         )
     beta = _check_positive("beta", beta)
     if loss_type not in DPO_LOSS_TYPES:

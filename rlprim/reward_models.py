@@ -148,25 +148,9 @@ def compute_reward_model_score(
         raise TypeError(f"label_index must be None or an int, got {type(label_index).__name__}")
     if not prompts:
         return torch.zeros(0, dtype=torch.float32)
-    if template_fn is None:
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-    else:
-        texts = [template_fn(p, c) for p, c in zip(prompts, completions, strict=True)]
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(
-                    f"template_fn must return a str, returned {type(text).__name__} for pair {i}"
-                )
+    texts = _scored_texts(prompts, completions, template_fn)
     token_ids = _encode_prompts(tokenizer, texts)
-    context = _context_length(model, tokenizer)
-    for i, ids in enumerate(token_ids):
-        if not ids:
-            raise ValueError(f"prompts[{i}] + completions[{i}] encode to no tokens")
-        if context is not None and len(ids) > context:
-            raise ValueError(
-                f"prompts[{i}] + completions[{i}] is {len(ids)} tokens long, more than the "
-                f"reward model's context of {context} tokens"
-            )
+    _check_scored_lengths(token_ids, _context_length(model, tokenizer))
     pad_id = _pad_id(model)
     if pad_id is None and min(batch_size, len(texts)) > 1:
         raise ValueError(
@@ -184,32 +168,68 @@ def compute_reward_model_score(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                width = len(token_ids[rows[0]])
-                filler = 0 if pad_id is None else pad_id
-                padded = [token_ids[i] + [filler] * (width - len(token_ids[i])) for i in rows]
-                mask = [[1] * len(token_ids[i]) + [0] * (width - len(token_ids[i])) for i in rows]
-                logits = model(
-                    input_ids=torch.tensor(padded, dtype=torch.long, device=device),
-                    attention_mask=torch.tensor(mask, dtype=torch.long, device=device),
-                ).logits
-                if label_index is None:
-                    if logits.shape[-1] != 1:
-                        raise ValueError(
-                            f"the reward model has {logits.shape[-1]} outputs; pass label_index "
-                            "to choose the reward column"
-                        )
-                    column = logits[:, 0]
-                else:
-                    if not -logits.shape[-1] <= label_index < logits.shape[-1]:
-                        raise ValueError(
-                            f"label_index must index the model's {logits.shape[-1]} outputs, "
-                            f"got {label_index}"
-                        )
-                    column = logits[:, label_index]
-                scores[torch.tensor(rows)] = column.float().cpu()
+                logits = _score_logits(model, [token_ids[i] for i in rows], pad_id, device)
+                scores[torch.tensor(rows)] = _reward_column(logits, label_index).float().cpu()
     finally:
         model.train(was_training)
     return scores
+
+
+def _scored_texts(
+    prompts: list[str], completions: list[str], template_fn: TemplateFn | None
+) -> list[str]:
+    """``template_fn(prompt, completion)`` per pair (``prompt + completion`` without one)."""
+    if template_fn is None:
+        return [p + c for p, c in zip(prompts, completions, strict=True)]
+    texts = [template_fn(p, c) for p, c in zip(prompts, completions, strict=True)]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(
+                f"template_fn must return a str, returned {type(text).__name__} for pair {i}"
+            )
+    return texts
+
+
+def _check_scored_lengths(token_ids: list[list[int]], context: int | None) -> None:
+    for i, ids in enumerate(token_ids):
+        if not ids:
+            raise ValueError(f"prompts[{i}] + completions[{i}] encode to no tokens")
+        if context is not None and len(ids) > context:
+            raise ValueError(
+                f"prompts[{i}] + completions[{i}] is {len(ids)} tokens long, more than the "
+                f"reward model's context of {context} tokens"
+            )
+
+
+def _score_logits(
+    model: Any, token_ids: list[list[int]], pad_id: int | None, device: torch.device
+) -> torch.Tensor:
+    """``[b, labels]`` head outputs of one batch, right-padded to its longest (first) row."""
+    width = len(token_ids[0])
+    filler = 0 if pad_id is None else pad_id
+    padded = [ids + [filler] * (width - len(ids)) for ids in token_ids]
+    mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids in token_ids]
+    return model(
+        input_ids=torch.tensor(padded, dtype=torch.long, device=device),
+        attention_mask=torch.tensor(mask, dtype=torch.long, device=device),
+    ).logits
+
+
+def _reward_column(logits: torch.Tensor, label_index: int | None) -> torch.Tensor:
+    """The reward column of ``logits [b, labels]``; the only one when ``label_index`` is None."""
+    if label_index is None:
+        if logits.shape[-1] != 1:
+            raise ValueError(
+                f"the reward model has {logits.shape[-1]} outputs; pass label_index "
+                "to choose the reward column"
+            )
+        return logits[:, 0]
+    if not -logits.shape[-1] <= label_index < logits.shape[-1]:
+        raise ValueError(
+            f"label_index must index the model's {logits.shape[-1]} outputs, "
+            f"got {label_index}"
+        )
+    return logits[:, label_index]
 
 
 def create_batch_reward_model_fn(

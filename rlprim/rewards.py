@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlprim.checks import check_group_size
 from rlprim.types import Rollout
 
 __all__ = [
@@ -178,13 +179,7 @@ def _check_group_size(group_size: object, batch_size: int) -> int:
     """``group_size`` as an int dividing ``batch_size``; ``None`` means one group of the batch."""
     if group_size is None:
         return max(batch_size, 1)
-    group_size = _check_int("group_size", group_size, minimum=1)
-    if batch_size % group_size != 0:
-        raise ValueError(
-            f"group_size must divide the batch size {batch_size} (rows of a group are "
-            f"consecutive), got group_size={group_size}"
-        )
-    return group_size
+    return check_group_size(_check_int("group_size", group_size, minimum=1), batch_size)
 
 
 def _as_vectors(vectors: object) -> torch.Tensor:
@@ -471,6 +466,37 @@ def _call_reward_fn(rollouts: Sequence[Rollout], reward_fn: Callable[..., Any]) 
     return list(values)
 
 
+def _checked_rewards(values: Sequence[Any]) -> tuple[list[Any], bool]:
+    """``(rewards, is_vector)``: every value a real number, or every one a vector of one ``K``,
+    as ``reward_fn`` returned them for rollouts ``0…B-1`` (``B >= 1``)."""
+    is_vector = _is_vector(values[0])
+    rewards: list[Any] = []
+    for i, value in enumerate(values):
+        if _is_vector(value) != is_vector:
+            first = "a vector" if is_vector else "a scalar"
+            raise ValueError(
+                f"reward_fn returned {_short_repr(value)} for rollout {i} but {first} for "
+                "rollout 0; every rollout must get the same kind of reward (scalar or vector)"
+            )
+        try:
+            if is_vector:
+                reward = _as_vector(value, "reward")
+            else:
+                reward = _as_real(value, "reward")
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"reward_fn returned an invalid reward for rollout {i}: {_short_repr(value)} "
+                f"({error})"
+            ) from error
+        if is_vector and len(reward) != len(rewards[0] if rewards else reward):
+            raise ValueError(
+                f"reward_fn returned a vector of length {len(reward)} for rollout {i} "
+                f"({_short_repr(value)}) but of length {len(rewards[0])} for rollout 0"
+            )
+        rewards.append(reward)
+    return rewards, is_vector
+
+
 def compute_batch_rewards(
     rollouts: Sequence[Rollout],
     reward_fn: Callable[[Rollout], Any],
@@ -517,33 +543,7 @@ def compute_batch_rewards(
     if len(rollouts) == 0:
         return torch.zeros(0, dtype=torch.float32)
 
-    values = _call_reward_fn(rollouts, reward_fn)
-    is_vector = _is_vector(values[0])
-    rewards: list[Any] = []
-    for i, value in enumerate(values):
-        if _is_vector(value) != is_vector:
-            first = "a vector" if is_vector else "a scalar"
-            raise ValueError(
-                f"reward_fn returned {_short_repr(value)} for rollout {i} but {first} for "
-                "rollout 0; every rollout must get the same kind of reward (scalar or vector)"
-            )
-        try:
-            if is_vector:
-                reward = _as_vector(value, "reward")
-            else:
-                reward = _as_real(value, "reward")
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"reward_fn returned an invalid reward for rollout {i}: {_short_repr(value)} "
-                f"({error})"
-            ) from error
-        if is_vector and len(reward) != len(rewards[0] if rewards else reward):
-            raise ValueError(
-                f"reward_fn returned a vector of length {len(reward)} for rollout {i} "
-                f"({_short_repr(value)}) but of length {len(rewards[0])} for rollout 0"
-            )
-        rewards.append(reward)
-
+    rewards, is_vector = _checked_rewards(_call_reward_fn(rollouts, reward_fn))
     if not is_vector:
         result = torch.tensor(rewards, dtype=torch.float32)
         if not bool(torch.isfinite(result).all()):

@@ -385,6 +385,31 @@ def _add_rewards(rollouts: list[Rollout], reward_fn: Callable[..., Any] | None) 
     return [r._replace(rewards=v) for r, v in zip(rollouts, rewards, strict=True)]
 
 
+def _rollouts_from_generations(
+    items: Sequence[tuple[str, Mapping[str, Any] | None]],
+    generations: Sequence[Generation],
+    num_samples: int,
+    tool_parser: Callable[[str], Sequence[ToolCall]] | None,
+    group_offset: int,
+) -> list[Rollout]:
+    """Row ``i·G + j`` (sample ``j`` of prompt ``i``) as a rollout of group ``group_offset + i``,
+    with its prompt's metadata and, given ``tool_parser``, the tool calls parsed from its text."""
+    rollouts = []
+    for row, generation in enumerate(generations):
+        index = row // num_samples
+        calls = () if tool_parser is None else tuple(
+            extract_tool_calls(generation.text, parser=tool_parser))
+        prompt, metadata = items[index]
+        rollouts.append(Rollout(
+            prompt=prompt,
+            generation=generation,
+            tool_calls=calls,
+            group_id=group_offset + index,
+            metadata=None if metadata is None else dict(metadata),
+        ))
+    return rollouts
+
+
 # =========================================================================== single turn
 
 
@@ -453,19 +478,9 @@ def create_batch_rollouts(
     texts = [text for text, _ in items]
     generations = batch_generate(model, tokenizer, texts, gen_config, generator=generator)
     generations = _check_generations(generations, len(texts) * gen_config.num_samples)
-    rollouts = []
-    for row, generation in enumerate(generations):
-        index = row // gen_config.num_samples
-        calls = () if tool_parser is None else tuple(
-            extract_tool_calls(generation.text, parser=tool_parser))
-        metadata = items[index][1]
-        rollouts.append(Rollout(
-            prompt=texts[index],
-            generation=generation,
-            tool_calls=calls,
-            group_id=group_offset + index,
-            metadata=None if metadata is None else dict(metadata),
-        ))
+    rollouts = _rollouts_from_generations(
+        items, generations, gen_config.num_samples, tool_parser, group_offset
+    )
     if ref_model is not None:
         rollouts = _add_reference(rollouts, model, ref_model, gen_config, kl_estimator)
     return _add_rewards(rollouts, reward_fn)
@@ -835,6 +850,84 @@ def _to_rollout(trajectory: _Trajectory, tool_budget: int | None) -> Rollout:
     )
 
 
+def _start_episodes(
+    tokenizer: Any,
+    items: Sequence[tuple[tuple[Message, ...], Any]],
+    gen_config: GenerationConfig,
+    template_fn: Callable[..., str] | None,
+    context: int | None,
+    tool_budget: int | None,
+    group_offset: int,
+    tool_sets: Sequence[Mapping[str, Callable[..., Any]]],
+) -> list[_Trajectory]:
+    """``G`` fresh episodes per conversation (consecutive), each with its rendered prompt ids.
+
+    A prompt that renders to no tokens, or leaves no room for ``max_new_tokens`` in the model's
+    ``context``, is a ``ValueError`` naming the conversation.
+    """
+    trajectories: list[_Trajectory] = []
+    for index, (messages, metadata) in enumerate(items):
+        prompt_text = apply_chat_template(tokenizer, messages, True, template_fn)
+        prompt_ids = tuple(_inference._encode_prompts(tokenizer, [prompt_text])[0])
+        if not prompt_ids:
+            raise ValueError(f"conversations[{index}] renders to no tokens")
+        if context is not None and len(prompt_ids) + gen_config.max_new_tokens > context:
+            raise ValueError(
+                f"conversations[{index}] is {len(prompt_ids)} tokens, which with "
+                f"gen_config.max_new_tokens={gen_config.max_new_tokens} exceeds the model's "
+                f"context of {context} tokens"
+            )
+        trajectories.extend(
+            _Trajectory(messages=messages, prompt_text=prompt_text, prompt_ids=prompt_ids,
+                        budget=tool_budget, group_id=group_offset + index,
+                        metadata=metadata, tools=tool_sets[index])
+            for _ in range(gen_config.num_samples)
+        )
+    return trajectories
+
+
+def _end_episodes_out_of_context(
+    trajectories: Sequence[_Trajectory], context: int | None, max_new_tokens: int
+) -> list[_Trajectory]:
+    """Ends (``"context_length"``) each live episode with no room left for another turn."""
+    ended = []
+    for trajectory in trajectories:
+        length = len(trajectory.prompt_ids) + len(trajectory.completion_ids)
+        if (trajectory.finish_reason is None and context is not None
+                and length + max_new_tokens > context):
+            trajectory = trajectory._replace(finish_reason="context_length")
+        ended.append(trajectory)
+    return ended
+
+
+def _play_turn(
+    model: Any,
+    tokenizer: Any,
+    trajectories: Sequence[_Trajectory],
+    live: Sequence[int],
+    turn: int,
+    gen_config: GenerationConfig,
+    generator: Callable[..., list[Generation]],
+    settings: _TurnSettings,
+) -> list[_Trajectory]:
+    """Turn ``turn`` of the ``live`` episodes: one generator call for all of them, then the
+    environment's (or the tools') answers to those still running, batched when it can be."""
+    trajectories = list(trajectories)
+    turn_config = gen_config._replace(num_samples=1, seed=_turn_seed(gen_config.seed, turn))
+    prompts = [list(trajectories[i].prompt_ids) + list(trajectories[i].completion_ids)
+               for i in live]
+    generations = _check_generations(
+        generator(model, tokenizer, prompts, turn_config), len(live))
+    for i, generation in zip(live, generations, strict=True):
+        trajectories[i] = _append_model_turn(trajectories[i], generation, settings)
+    waiting = [i for i in live if trajectories[i].finish_reason is None]
+    answers = _batched_env_answers(settings.env_fn, [trajectories[i] for i in waiting])
+    for position, i in enumerate(waiting):
+        answer = _ASK_ENV if answers is None else answers[position]
+        trajectories[i] = _answer_turn(trajectories[i], turn, settings, answer)
+    return trajectories
+
+
 def create_batch_multiturn_rollouts(
     model: Any,
     tokenizer: Any,
@@ -939,54 +1032,24 @@ def create_batch_multiturn_rollouts(
     _check_kl_estimator(kl_estimator)
     tool_sets = _tool_sets(tools, len(items))
     context = _inference._context_length(model, tokenizer)
-
-    trajectories: list[_Trajectory] = []
-    for index, (messages, metadata) in enumerate(items):
-        prompt_text = apply_chat_template(tokenizer, messages, True, template_fn)
-        prompt_ids = tuple(_inference._encode_prompts(tokenizer, [prompt_text])[0])
-        if not prompt_ids:
-            raise ValueError(f"conversations[{index}] renders to no tokens")
-        if context is not None and len(prompt_ids) + gen_config.max_new_tokens > context:
-            raise ValueError(
-                f"conversations[{index}] is {len(prompt_ids)} tokens, which with "
-                f"gen_config.max_new_tokens={gen_config.max_new_tokens} exceeds the model's "
-                f"context of {context} tokens"
-            )
-        trajectories.extend(
-            _Trajectory(messages=messages, prompt_text=prompt_text, prompt_ids=prompt_ids,
-                        budget=tool_budget, group_id=group_offset + index,
-                        metadata=metadata, tools=tool_sets[index])
-            for _ in range(gen_config.num_samples)
-        )
-
+    trajectories = _start_episodes(
+        tokenizer, items, gen_config, template_fn, context, tool_budget, group_offset, tool_sets
+    )
     settings = _TurnSettings(
         tokenizer=tokenizer, template_fn=template_fn, tool_parser=tool_parser,
         tool_executor=tool_executor, stop_condition=stop_condition, env_fn=env_fn,
         max_turns=max_turns, eos_ids=tuple(_inference._eos_ids(model, tokenizer)),
     )
-    call_generator = generator
     for turn in range(max_turns):
-        turn_config = gen_config._replace(
-            num_samples=1, seed=_turn_seed(gen_config.seed, turn))
-        for i, trajectory in enumerate(trajectories):
-            length = len(trajectory.prompt_ids) + len(trajectory.completion_ids)
-            if (trajectory.finish_reason is None and context is not None
-                    and length + gen_config.max_new_tokens > context):
-                trajectories[i] = trajectory._replace(finish_reason="context_length")
+        trajectories = _end_episodes_out_of_context(
+            trajectories, context, gen_config.max_new_tokens
+        )
         live = [i for i, t in enumerate(trajectories) if t.finish_reason is None]
         if not live:
             break
-        prompts = [list(trajectories[i].prompt_ids) + list(trajectories[i].completion_ids)
-                   for i in live]
-        generations = _check_generations(
-            call_generator(model, tokenizer, prompts, turn_config), len(live))
-        for i, generation in zip(live, generations, strict=True):
-            trajectories[i] = _append_model_turn(trajectories[i], generation, settings)
-        waiting = [i for i in live if trajectories[i].finish_reason is None]
-        answers = _batched_env_answers(env_fn, [trajectories[i] for i in waiting])
-        for position, i in enumerate(waiting):
-            answer = _ASK_ENV if answers is None else answers[position]
-            trajectories[i] = _answer_turn(trajectories[i], turn, settings, answer)
+        trajectories = _play_turn(
+            model, tokenizer, trajectories, live, turn, gen_config, generator, settings
+        )
 
     rollouts = [_to_rollout(t, tool_budget) for t in trajectories]
     if ref_model is not None:

@@ -912,6 +912,50 @@ def load_config(
 # --------------------------------------------------------------------------------------------
 
 
+def _replay_advantages(
+    batch: Batch,
+    config: AlgorithmConfig,
+    algorithm: Algorithm,
+    beta: float,
+    value_model: Any,
+    input_ids: torch.Tensor,
+    registry: Mapping[str, Algorithm],
+    advantage_fn: Callable[..., Any] | None,
+) -> Batch:
+    """``batch`` with the advantages (returns, values) ``training_iteration`` would give it."""
+    attention_mask = batch.attention_mask
+    tc = batch.completion_ids.shape[1]
+    if batch.rewards is None:
+        raise ValueError("the batch has neither advantages nor rewards: score the rollouts")
+    mask = batch.completion_mask
+    kl = None
+    if beta > 0 and batch.old_logprobs is not None and batch.ref_logprobs is not None:
+        kl = compute_per_token_kl(batch.old_logprobs, batch.ref_logprobs, config.kl_estimator)
+        kl = kl * mask
+    values = batch.values
+    if algorithm.needs_value and values is None:
+        with torch.no_grad():
+            values = get_values(value_model, input_ids, attention_mask, tc, mask)
+    if batch.group_ids is None:
+        raise ValueError("the batch has no group_ids: advantages need the groups")
+    group_size = group_size_from_ids(batch.group_ids)
+    advantages = compute_advantages_by_algorithm(
+        config,
+        batch.rewards,
+        registry=registry,
+        advantage_fn=advantage_fn,
+        group_size=group_size,
+        mask=mask,
+        values=values,
+        kl=kl,
+        kl_coef=beta,
+    )
+    returns = batch.returns
+    if isinstance(advantages, tuple):
+        advantages, returns = advantages
+    return batch._replace(advantages=advantages, returns=returns, values=values)
+
+
 def replay_loss(
     data: Batch | Sequence[Rollout],
     policy: torch.nn.Module,
@@ -980,35 +1024,9 @@ def replay_loss(
         raise ValueError(f"algorithm {config.name!r} needs value_model, got None")
 
     if batch.advantages is None:
-        if batch.rewards is None:
-            raise ValueError("the batch has neither advantages nor rewards: score the rollouts")
-        mask = batch.completion_mask
-        kl = None
-        if beta > 0 and batch.old_logprobs is not None and batch.ref_logprobs is not None:
-            kl = compute_per_token_kl(batch.old_logprobs, batch.ref_logprobs, config.kl_estimator)
-            kl = kl * mask
-        values = batch.values
-        if algorithm.needs_value and values is None:
-            with torch.no_grad():
-                values = get_values(value_model, input_ids, attention_mask, tc, mask)
-        if batch.group_ids is None:
-            raise ValueError("the batch has no group_ids: advantages need the groups")
-        group_size = group_size_from_ids(batch.group_ids)
-        advantages = compute_advantages_by_algorithm(
-            config,
-            batch.rewards,
-            registry=registry,
-            advantage_fn=advantage_fn,
-            group_size=group_size,
-            mask=mask,
-            values=values,
-            kl=kl,
-            kl_coef=beta,
+        batch = _replay_advantages(
+            batch, config, algorithm, beta, value_model, input_ids, registry, advantage_fn
         )
-        returns = batch.returns
-        if isinstance(advantages, tuple):
-            advantages, returns = advantages
-        batch = batch._replace(advantages=advantages, returns=returns, values=values)
 
     new_logprobs, entropy = extract(
         policy,

@@ -120,6 +120,49 @@ def _caller_rng_restored() -> Iterator[None]:
             numpy.random.set_state(numpy_state)
 
 
+def _check_engine_arguments(
+    model_path_or_config: Any,
+    dtype: Any,
+    max_model_len: Any,
+    seed: Any,
+    gpu_memory_utilization: Any,
+    engine_kwargs: dict[str, Any],
+) -> tuple[ModelConfig, str]:
+    """``create_vllm_engine``'s arguments checked before vLLM is imported: ``(config, dtype)``.
+
+    Pops ``logprobs_mode`` from ``engine_kwargs`` (it may only be the one rlprim needs).
+    """
+    config = _as_model_config(model_path_or_config, "model_path_or_config")
+    _check_model_config(config)
+    if dtype is None:
+        dtype = config.dtype
+    if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16", "auto"):
+        raise ValueError(
+            f"dtype must be 'float32', 'bfloat16', 'float16', 'auto' or None, got {dtype!r}"
+        )
+    if max_model_len is not None and (
+        isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2
+    ):
+        raise ValueError(f"max_model_len must be None or an int >= 2, got {max_model_len!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if gpu_memory_utilization is not None and not (
+        isinstance(gpu_memory_utilization, (int, float)) and 0.0 < gpu_memory_utilization <= 1.0
+    ):
+        raise ValueError(
+            f"gpu_memory_utilization must be None or in (0, 1], got {gpu_memory_utilization!r}"
+        )
+    if "model" in engine_kwargs:
+        raise TypeError("pass the model as model_path_or_config, not as model=")
+    mode = engine_kwargs.pop("logprobs_mode", _LOGPROBS_MODE)
+    if mode != _LOGPROBS_MODE:
+        raise ValueError(
+            f"logprobs_mode must be {_LOGPROBS_MODE!r} (vllm_generator derives log softmax(z / T) "
+            f"over the full vocabulary from it), got {mode!r}"
+        )
+    return config, dtype
+
+
 def create_vllm_engine(
     model_path_or_config: ModelConfig | str | os.PathLike[str],
     *,
@@ -171,34 +214,9 @@ def create_vllm_engine(
       TypeError / ValueError: a bad argument (named), or ``logprobs_mode`` other than
         ``"raw_logprobs"`` in ``engine_kwargs``.
     """
-    config = _as_model_config(model_path_or_config, "model_path_or_config")
-    _check_model_config(config)
-    if dtype is None:
-        dtype = config.dtype
-    if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16", "auto"):
-        raise ValueError(
-            f"dtype must be 'float32', 'bfloat16', 'float16', 'auto' or None, got {dtype!r}"
-        )
-    if max_model_len is not None and (
-        isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2
-    ):
-        raise ValueError(f"max_model_len must be None or an int >= 2, got {max_model_len!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if gpu_memory_utilization is not None and not (
-        isinstance(gpu_memory_utilization, (int, float)) and 0.0 < gpu_memory_utilization <= 1.0
-    ):
-        raise ValueError(
-            f"gpu_memory_utilization must be None or in (0, 1], got {gpu_memory_utilization!r}"
-        )
-    if "model" in engine_kwargs:
-        raise TypeError("pass the model as model_path_or_config, not as model=")
-    mode = engine_kwargs.pop("logprobs_mode", _LOGPROBS_MODE)
-    if mode != _LOGPROBS_MODE:
-        raise ValueError(
-            f"logprobs_mode must be {_LOGPROBS_MODE!r} (vllm_generator derives log softmax(z / T) "
-            f"over the full vocabulary from it), got {mode!r}"
-        )
+    config, dtype = _check_engine_arguments(
+        model_path_or_config, dtype, max_model_len, seed, gpu_memory_utilization, engine_kwargs
+    )
 
     vllm = _import_vllm()
     from vllm.platforms import current_platform
