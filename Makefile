@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench lint clean test-vllm
+.PHONY: setup test test-fast demo bench lint clean test-vllm bench-trl
 
 setup: $(STAMP)
 
@@ -61,3 +61,26 @@ $(VLLM_STAMP): pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	VLLM_CACHE_ROOT=$(CURDIR)/$(VLLM_VENV)/vllm-cache $(VLLM_PY) -m pytest -q tests/test_vllm_engine.py
+
+# rlprim against TRL's GRPOTrainer on the same work, in its own venv (never part of `make test`).
+# The local CPU torch wheel goes in first and stays pinned in every later install, so pip never
+# replaces it with a CUDA build; then TRL at a fixed release, then rlprim itself.
+# Pass a subset of the grid with BENCH_TRL_ARGS, e.g. BENCH_TRL_ARGS="--tokens 16 --samples 4 --rounds 3".
+TRL_VERSION ?= 1.16.0
+TRL_VENV := .venv-trl
+TRL_PY := $(TRL_VENV)/bin/python
+TRL_STAMP := $(TRL_VENV)/.rlprim-installed
+TRL_PIP := $(TRL_PY) -m pip install --quiet
+BENCH_TRL_ARGS ?=
+
+$(TRL_STAMP): pyproject.toml
+	test -x $(TRL_PY) || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_PIP) --upgrade pip
+	$(TRL_PIP) torch==2.13.0
+	$(TRL_PIP) "trl==$(TRL_VERSION)" torch==2.13.0
+	$(TRL_PIP) -e . "trl==$(TRL_VERSION)" torch==2.13.0
+	$(TRL_PY) -c "import torch, trl, rlprim; assert not torch.version.cuda, torch.__version__"
+	touch $(TRL_STAMP)
+
+bench-trl: $(TRL_STAMP)
+	$(TRL_PY) benchmarks/bench_vs_trl.py $(BENCH_TRL_ARGS)
