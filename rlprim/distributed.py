@@ -48,6 +48,11 @@ What happens under ``N > 1`` ranks (``is_distributed()``):
   blocked in a collective on a dead or stuck peer gets an error after ``timeout``
   (``DEFAULT_TIMEOUT`` = 10 minutes, as for NCCL; gloo notices a peer's closed socket at once).
 
+The loop reaches all of this through one argument: ``create_torch_data_parallel()`` bundles
+these collectives into a ``DataParallel``, which ``train``, ``training_iteration`` and each of
+its phases take as ``data_parallel`` (``None`` picks it under ``torchrun`` and the
+single-process identities otherwise, ``current_data_parallel``).
+
 References: PyTorch ``DistributedDataParallel`` (Li et al. 2020, "PyTorch Distributed:
 Experiences on Accelerating Data Parallel Training"); FSDP2 ``fully_shard``.
 """
