@@ -55,8 +55,12 @@ def _worker(out_path: str, iterations: int, threads: int, strategy: str) -> None
     import torch.distributed as dist
 
     import rlprim as rp
-    import rlprim.training
-    from rlprim.distributed import get_distributed_info, init_distributed, wrap_training_state
+    from rlprim.distributed import (
+        current_data_parallel,
+        get_distributed_info,
+        init_distributed,
+        wrap_training_state,
+    )
     from rlprim.testing import tiny_model, tiny_tokenizer
 
     torch.set_num_threads(threads)
@@ -90,7 +94,6 @@ def _worker(out_path: str, iterations: int, threads: int, strategy: str) -> None
     # FSDP2's weight all-gathers (local shard in) and gradient reduce-scatters (full grads in).
     dist.all_gather_single = counted_fsdp(dist.all_gather_single)
     dist.reduce_scatter_single = counted_fsdp(dist.reduce_scatter_single)
-    synchronize = rlprim.training.synchronize_gradients
 
     def counted_synchronize(params, *args, **kwargs):
         before = counts["other_bytes"]
@@ -99,16 +102,11 @@ def _worker(out_path: str, iterations: int, threads: int, strategy: str) -> None
         counts["gradient_bytes"] += nbytes
         return nbytes
 
-    rlprim.training.synchronize_gradients = counted_synchronize
-    original_step = rlprim.training.training_step
-
-    def counted_step(*args, **kwargs):
-        counts["steps"] += 1
-        return original_step(*args, **kwargs)
-
-    rlprim.training.training_step = counted_step
-
     info = init_distributed()
+    # The loop's collectives, with gradient synchronisation counted apart.
+    parallel = current_data_parallel()
+    synchronize = parallel.synchronize_gradients
+    parallel = parallel._replace(synchronize_gradients=counted_synchronize)
     policy = tiny_model("qwen2", seed=0)
     config = rp.create_algorithm_config("grpo", kl_coef=0.04, micro_batch_size=8)
     state = rp.create_training_state(policy, tiny_tokenizer(), config, learning_rate=1e-4)
@@ -122,11 +120,13 @@ def _worker(out_path: str, iterations: int, threads: int, strategy: str) -> None
             counts[key] = 0
         if info.world_size > 1:
             dist.barrier()  # start together; the barrier is outside the timed span
-        start = time.perf_counter()
+        start, step = time.perf_counter(), state.step
         state, stats = rp.training_iteration(
-            state, loader(iteration), gen._replace(seed=iteration), config, reward
+            state, loader(iteration), gen._replace(seed=iteration), config, reward,
+            data_parallel=parallel,
         )
         elapsed = time.perf_counter() - start
+        counts["steps"] = state.step - step
         if iteration:  # the first one is a warm-up
             times.append(elapsed)
             records.append({**counts, "generate": stats.time_generate,

@@ -17,6 +17,7 @@ from rlprim import logging as _logging
 from rlprim import logprobs as _logprobs
 from rlprim import losses as _losses
 from rlprim import protocols as _protocols
+from rlprim import quick_start as _quick_start
 from rlprim import remote as _remote
 from rlprim import reward_models as _reward_models
 from rlprim import rewards as _rewards
@@ -39,6 +40,7 @@ from rlprim.logging import *  # noqa: F401,F403
 from rlprim.logprobs import *  # noqa: F401,F403
 from rlprim.losses import *  # noqa: F401,F403
 from rlprim.protocols import *  # noqa: F401,F403
+from rlprim.quick_start import *  # noqa: F401,F403
 from rlprim.remote import *  # noqa: F401,F403
 from rlprim.reward_models import *  # noqa: F401,F403
 from rlprim.rewards import *  # noqa: F401,F403
@@ -67,6 +69,7 @@ __all__ = [
     *_batching.__all__,
     *_checkpoint.__all__,
     *_training.__all__,
+    *_quick_start.__all__,
     *_critic.__all__,
     *_data.__all__,
     *_logging.__all__,

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
 
     from rlprim.inference import load_model, load_tokenizer
+    from rlprim.quick_start import BUNDLED_MODEL, quick_start_training
     from rlprim.tasks.arithmetic import arithmetic_split, evaluate_arithmetic
-    from rlprim.training import BUNDLED_MODEL, quick_start_training
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -48,6 +48,11 @@ What happens under ``N > 1`` ranks (``is_distributed()``):
   blocked in a collective on a dead or stuck peer gets an error after ``timeout``
   (``DEFAULT_TIMEOUT`` = 10 minutes, as for NCCL; gloo notices a peer's closed socket at once).
 
+The loop reaches all of this through one argument: ``create_torch_data_parallel()`` bundles
+these collectives into a ``DataParallel``, which ``train``, ``training_iteration`` and each of
+its phases take as ``data_parallel`` (``None`` picks it under ``torchrun`` and the
+single-process identities otherwise, ``current_data_parallel``).
+
 References: PyTorch ``DistributedDataParallel`` (Li et al. 2020, "PyTorch Distributed:
 Experiences on Accelerating Data Parallel Training"); FSDP2 ``fully_shard``.
 """
@@ -96,6 +101,10 @@ __all__ = [
     "all_gather_objects",
     "gather_rows",
     "synchronize_gradients",
+    "DataParallel",
+    "create_single_process_parallel",
+    "create_torch_data_parallel",
+    "current_data_parallel",
 ]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -792,3 +801,147 @@ def synchronize_gradients(
                 grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
     return reduced
+
+
+# --------------------------------------------------------------------------- the loop's collectives
+
+
+class DataParallel(NamedTuple):
+    """The collectives the loop's phases use to act as one job over data-parallel ranks.
+
+    Phases never test whether they run distributed: they call these functions, which in one
+    process are identities (``create_single_process_parallel``) and under ``torchrun`` talk to
+    the other ranks (``create_torch_data_parallel``); ``current_data_parallel`` picks. Pass your
+    own to run the phases over another transport. Shapes: ``N = Σ_r B_r`` rows over all ranks.
+
+    Fields:
+      shard_prompts: ``fn(prompts) -> (this rank's prompts, index of its first prompt)``.
+      rank_seed: ``fn(seed) -> this rank's sampling seed`` (``None`` stays ``None``).
+      gather_rows: ``fn(tensor [B_r] or [B_r, T_r]) -> (tensor [N] or [N, max T_r], [B_0, …])``,
+        the ranks' rows in rank order, columns right-padded with 0.
+      local_rows: ``fn(row_counts) -> range`` of the global rows this rank holds.
+      all_reduce: ``fn(values, op="sum") -> list[float]``, element-wise over ranks; ``op`` is
+        ``"sum"``, ``"max"`` or ``"min"`` (so ``min`` of 0/1 flags agrees on "all finite").
+      synchronize_gradients: ``fn(parameters) -> bytes sent``, sums ``.grad`` over ranks in
+        place (0 bytes in one process).
+      no_sync: ``fn(*models) -> context`` in which backward passes accumulate locally.
+      gathered_parameters: ``fn(*models) -> context`` in which sharded models hold full weights,
+        so ranks may run different numbers of forward passes.
+      is_sharded: ``fn(model) -> bool``, True when its weights are sharded over ranks (FSDP2):
+        then every rank runs as many forward/backward passes as the busiest one, and the
+        backward passes already sum the gradients.
+      full_model: ``fn(model, like) -> module`` holding ``model``'s full weights (unwrapped;
+        under FSDP2 a copy of ``like`` loaded with the gathered weights), for reference updates.
+      is_main_process: ``fn() -> bool``, True on the rank that logs.
+    """
+
+    shard_prompts: Any
+    rank_seed: Any
+    gather_rows: Any
+    local_rows: Any
+    all_reduce: Any
+    synchronize_gradients: Any
+    no_sync: Any
+    gathered_parameters: Any
+    is_sharded: Any
+    full_model: Any
+    is_main_process: Any
+
+
+def _single_process_all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+    return [float(v) for v in values]
+
+
+def _full_model(model: Any, like: Any) -> Any:
+    """``model`` unwrapped; under FSDP2 a copy of ``like`` holding ``model``'s gathered weights
+    (collective)."""
+    from copy import deepcopy
+
+    module = unwrap_model(model)
+    if not is_fsdp_module(module):
+        return module
+    copy = deepcopy(like)
+    load_full_state_dict(copy, full_state_dict(module))
+    return copy
+
+
+def create_single_process_parallel() -> DataParallel:
+    """The ``DataParallel`` of one process: every collective is an identity.
+
+    ``shard_prompts(p) = (p, 0)``, ``rank_seed(s) = s``, ``gather_rows(x) = (x, [B])``,
+    ``local_rows([B]) = range(B)``, ``all_reduce(v) = [float(x) for x in v]``, a gradient
+    synchronisation that sends nothing (returns 0 bytes), no-op contexts, nothing sharded,
+    ``full_model`` unwraps, and this process is the main one. With it the phases compute
+    exactly what they compute without any collective.
+
+    Returns:
+      a ``DataParallel``.
+    """
+    return DataParallel(
+        shard_prompts=lambda prompts: (prompts, 0),
+        rank_seed=lambda seed: seed,
+        gather_rows=lambda tensor: (tensor, [int(tensor.shape[0])]),
+        local_rows=lambda row_counts: range(sum(row_counts)),
+        all_reduce=_single_process_all_reduce,
+        synchronize_gradients=lambda parameters: 0,
+        no_sync=lambda *models: contextlib.nullcontext(),
+        gathered_parameters=lambda *models: contextlib.nullcontext(),
+        is_sharded=lambda model: False,
+        full_model=_full_model,
+        is_main_process=lambda: True,
+    )
+
+
+def create_torch_data_parallel() -> DataParallel:
+    """The ``DataParallel`` of this rank of the ``torch.distributed`` process group.
+
+    Rank ``r`` of ``N`` keeps ``shard_prompts``'s contiguous share of the prompts (its first
+    index is the group offset), samples with ``rank_seed(seed, r)``, gathers rows with
+    ``gather_rows`` (rank order = single-process order), holds the global rows
+    ``[Σ_{q<r} B_q, Σ_{q≤r} B_q)``, reduces scalars with ``all_reduce_scalars``, sums gradients
+    with ``synchronize_gradients``, defers DDP's reduction with ``no_sync``, gathers FSDP2
+    weights with ``gathered_parameters``, treats FSDP2 modules as sharded (``is_fsdp_module``),
+    and builds a full-weight policy for reference updates under FSDP2. Call it after
+    ``init_distributed``; the module docstring says what each collective guarantees.
+
+    Returns:
+      a ``DataParallel`` bound to this process's rank and world size.
+    """
+    info = get_distributed_info()
+
+    def shard(prompts: Sequence[Any]) -> tuple[list[Any], int]:
+        start, stop = shard_bounds(len(prompts), info.rank, info.world_size)
+        return list(prompts)[start:stop], start
+
+    def local_rows(row_counts: Sequence[int]) -> range:
+        start = sum(row_counts[: info.rank])
+        return range(start, start + row_counts[info.rank])
+
+    return DataParallel(
+        shard_prompts=shard,
+        rank_seed=lambda seed: rank_seed(seed, info.rank),
+        gather_rows=gather_rows,
+        local_rows=local_rows,
+        all_reduce=all_reduce_scalars,
+        synchronize_gradients=synchronize_gradients,
+        no_sync=no_sync,
+        gathered_parameters=gathered_parameters,
+        is_sharded=is_fsdp_module,
+        full_model=_full_model,
+        is_main_process=is_main_process,
+    )
+
+
+def current_data_parallel() -> DataParallel:
+    """The loop's default ``DataParallel``: ``create_torch_data_parallel()`` when a process
+    group of more than one rank exists (``torchrun``), else ``create_single_process_parallel()``.
+
+    The phases and ``train`` call it when their ``data_parallel`` argument is ``None``, so the
+    same script runs in one process and under ``torchrun``.
+
+    Returns:
+      a ``DataParallel``.
+    """
+    return create_torch_data_parallel() if is_distributed() else create_single_process_parallel()

@@ -1,9 +1,16 @@
-"""The training loop, composed only of rlprim's public primitives.
+"""The training loop: one optimizer update, the five phases of an iteration, and the loop.
 
-``training_step`` makes one optimizer update from a ``Batch``; ``training_iteration`` does one
-round of generate → score → (KL) → advantages → ``num_epochs`` × minibatches of
-``training_step`` → reference update; ``train`` repeats iterations with logging, evaluation and
-checkpoints; ``quick_start_training`` is the one-liner on top.
+``training_step`` makes one optimizer update from a ``Batch``. One iteration is five public
+phases, each a function with a NamedTuple result that a user may call, reorder or replace::
+
+    sample_and_score → reference_and_kl → values_and_advantages → update_policy → refresh_reference
+      SampleResult      ReferenceResult     AdvantageResult         UpdateResult    TrainingState
+
+``training_iteration`` is their composition; ``train`` repeats iterations with logging,
+evaluation and checkpoints (``quick_start_training``, the one-liner, lives in
+``rlprim.quick_start``). Data parallelism is an argument, ``data_parallel`` (a
+``DataParallel`` of collectives; ``None`` picks ``current_data_parallel()``): the phases never
+branch on whether they run distributed.
 
 State: ``TrainingState`` carries the models and the optimizer. As everywhere in rlprim the
 functions return a new ``TrainingState``; the one exception to purity is that the policy's
@@ -14,12 +21,10 @@ time are computed by the same function.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from copy import deepcopy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,26 +43,10 @@ from rlprim.batching import (
     pack_by_length,
     rollouts_to_batch,
     select_batch,
-    split_minibatches,
     trim_padding,
 )
 from rlprim.critic import create_value_model, get_values
-from rlprim.distributed import (
-    all_reduce_scalars,
-    full_state_dict,
-    gather_rows,
-    gathered_parameters,
-    get_distributed_info,
-    is_distributed,
-    is_fsdp_module,
-    is_main_process,
-    load_full_state_dict,
-    no_sync,
-    rank_seed,
-    shard_bounds,
-    synchronize_gradients,
-    unwrap_model,
-)
+from rlprim.distributed import DataParallel, current_data_parallel, unwrap_model
 from rlprim.inference import hf_generator
 from rlprim.kl import compute_per_token_kl, create_reference_model, update_reference_model
 from rlprim.logprobs import get_logprobs, get_reference_logprobs
@@ -76,13 +65,19 @@ __all__ = [
     "create_training_state",
     "default_optimizer_step",
     "training_step",
+    "SampleResult",
+    "ReferenceResult",
+    "AdvantageResult",
+    "UpdateResult",
+    "sample_and_score",
+    "reference_and_kl",
+    "values_and_advantages",
+    "update_policy",
+    "refresh_reference",
     "training_iteration",
     "train",
     "resolve_schedule",
-    "quick_start_training",
 ]
-
-BUNDLED_MODEL = "rlprim/arith-tiny"
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,32 +187,6 @@ def _trainable_parameters(state: TrainingState) -> list[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
-def _full_policy(state: TrainingState) -> Any:
-    """The policy module for a reference update: a full-weight copy under FSDP2 (built from
-    ``state.ref_model``'s architecture), else the unwrapped policy."""
-    policy = unwrap_model(state.policy)
-    if not is_fsdp_module(policy):
-        return policy
-    copy = deepcopy(state.ref_model)
-    load_full_state_dict(copy, full_state_dict(policy))
-    return copy
-
-
-def _idle_pass(
-    policy: Any, value_model: Any, extract: Callable[..., Any], temperature: float
-) -> None:
-    """FSDP2: a forward and backward with zero loss on a 2-token input, so this rank joins the
-    all-gathers and reduce-scatters of a micro-batch it does not have (adds 0 gradient). The
-    critic takes part when it is sharded too (its passes must line up as well)."""
-    device = next(policy.parameters()).device
-    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
-    loss = extract(policy, ids, mask, temperature=temperature, completion_length=1).sum()
-    if is_fsdp_module(value_model):
-        loss = loss + get_values(value_model, ids, mask, 1).sum()
-    (loss * 0.0).backward()
-
-
 def _micro_batches(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
     if micro_batch_size is None or micro_batch_size >= batch.completion_ids.shape[0]:
         return [batch]
@@ -236,11 +205,243 @@ _TIS_MEAN_METRICS = (
     "tis_mismatch_kl",
     "tis_logprob_abs_diff",
 )
+# Loss metrics averaged over micro-batches with their loss weights.
+_STEP_METRICS = ("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl")
 
 
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+class _StepSettings(NamedTuple):
+    """What every micro-batch of one ``training_step`` shares."""
+
+    config: AlgorithmConfig
+    algorithm: Any
+    temperature: float
+    extract: Callable[..., Any]
+    registry: Mapping[str, Any]
+    loss_fn: Callable[..., Any] | None
+    kl_fn: Callable[..., Any] | None
+    pair_selector: Callable[..., Any] | None
+
+
+class _Passes(NamedTuple):
+    """This rank's backward passes: finiteness, weighted losses, metrics and entropy sums."""
+
+    finite: bool
+    losses: list[float]
+    metrics: list[tuple[float, dict[str, float]]]
+    entropies: list[tuple[float, float]]
+
+
+class _StepSums(NamedTuple):
+    """The step's totals over every rank (``DataParallel.all_reduce``)."""
+
+    finite: bool
+    loss: float
+    tokens: float
+    sequences: int
+    entropy: tuple[float, float]
+    metrics: dict[str, tuple[float, float, float]]
+    tis_ratio_max: float
+
+
+def _step_config(
+    algorithm_config: AlgorithmConfig, batch: Batch, parallel: DataParallel
+) -> AlgorithmConfig:
+    """Dr. GRPO's constant ``L`` is the (global) batch's ``Tc`` unless given: it must not
+    change between micro-batches, nor between ranks."""
+    config = algorithm_config
+    if config.norm_length is None and config.loss_agg_mode == "seq-mean-token-sum-norm":
+        longest = parallel.all_reduce([batch.completion_ids.shape[1]], "max")[0]
+        config = config._replace(norm_length=int(longest))
+    return config
+
+
+def _weighted_micro_batches(
+    batch: Batch, config: AlgorithmConfig, parallel: DataParallel
+) -> tuple[list[Batch], list[float]]:
+    """Length-packed micro-batches and their loss weights w_i under the global normaliser."""
+    micro = _micro_batches(batch, config.micro_batch_size) if len(batch.completion_ids) else []
+    totals = parallel.all_reduce(microbatch_loss_totals(micro, config.loss_agg_mode))
+    weights = microbatch_loss_weights(micro, config.loss_agg_mode, global_totals=tuple(totals))
+    return micro, weights
+
+
+def _micro_batch_loss(
+    state: TrainingState, mb: Batch, settings: _StepSettings
+) -> tuple[torch.Tensor, Mapping[str, float], torch.Tensor | None]:
+    """``(loss, metrics, entropy [b, Tc])`` of one micro-batch, with the graph for backward."""
+    input_ids, attention_mask = _model_inputs(mb)
+    tc = mb.completion_ids.shape[1]
+    new_logprobs, entropy = settings.extract(
+        state.policy,
+        input_ids,
+        attention_mask,
+        temperature=settings.temperature,
+        completion_length=tc,
+        return_entropy=True,
+    )
+    extras: dict[str, Any] = {"kl_coef": state.kl_coef}
+    if settings.kl_fn is not None:
+        extras["kl_fn"] = settings.kl_fn
+    if settings.pair_selector is not None:
+        extras["pair_selector"] = settings.pair_selector
+    if entropy is not None:
+        extras["entropy"] = entropy
+    if settings.algorithm.needs_value:
+        if state.value_model is None:
+            name = settings.config.name
+            raise ValueError(f"algorithm {name!r} needs state.value_model, got None")
+        extras["new_values"] = get_values(state.value_model, input_ids, attention_mask, tc)
+    loss, metrics = compute_loss_by_algorithm(
+        settings.config, mb, new_logprobs, registry=settings.registry, loss_fn=settings.loss_fn,
+        **extras,
+    )
+    return loss, metrics, entropy
+
+
+def _idle_pass(state: TrainingState, settings: _StepSettings, parallel: DataParallel) -> None:
+    """Sharded weights (FSDP2): a forward and backward with zero loss on a 2-token input, so
+    this rank joins the all-gathers and reduce-scatters of a micro-batch it does not have (adds
+    0 gradient). The critic takes part when it is sharded too (its passes must line up)."""
+    device = next(state.policy.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    loss = settings.extract(
+        state.policy, ids, mask, temperature=settings.temperature, completion_length=1
+    ).sum()
+    if parallel.is_sharded(state.value_model):
+        loss = loss + get_values(state.value_model, ids, mask, 1).sum()
+    (loss * 0.0).backward()
+
+
+def _accumulate_gradients(
+    state: TrainingState,
+    micro: Sequence[Batch],
+    weights: Sequence[float],
+    settings: _StepSettings,
+    parallel: DataParallel,
+) -> _Passes:
+    """Backward of ``w_i · loss_i`` for each micro-batch, locally (``no_sync``); stops at the
+    first non-finite loss. Sharded weights: every rank runs as many passes as the busiest one,
+    and a non-finite pass still runs its backward (its reduce-scatters pair with the others')."""
+    lockstep = parallel.is_sharded(state.policy)
+    passes = int(parallel.all_reduce([len(micro)], "max")[0]) if lockstep else len(micro)
+    finite = True
+    losses, metrics_seen, entropies = [], [], []
+    with parallel.no_sync(state.policy, state.value_model):
+        for index in range(passes):
+            if index >= len(micro) or not finite:  # only with lockstep passes
+                _idle_pass(state, settings, parallel)
+                continue
+            mb, weight = micro[index], weights[index]
+            loss, metrics, entropy = _micro_batch_loss(state, mb, settings)
+            if not torch.isfinite(loss):
+                finite = False
+                if lockstep:
+                    (loss * 0.0).backward()
+                    continue
+                break
+            if weight and loss.requires_grad:  # a fully masked batch has no graph
+                (loss * weight).backward()
+            losses.append(float(loss.detach()) * weight)
+            metrics_seen.append((weight, dict(metrics)))
+            if entropy is not None:
+                m = mb.completion_mask
+                entropies.append((float((entropy.detach() * m).sum()), float(m.sum())))
+    return _Passes(finite, losses, metrics_seen, entropies)
+
+
+def _global_step_sums(
+    passes: _Passes, batch: Batch, tis: bool, parallel: DataParallel
+) -> _StepSums:
+    """One ``all_reduce`` of the step's scalars: every rank agrees on finiteness and stats."""
+
+    metric_names = _STEP_METRICS + (_TIS_MEAN_METRICS if tis else ())
+
+    def metric_sums(name: str) -> list[float]:
+        vals = [(w, m[name]) for w, m in passes.metrics if name in m]
+        return [sum(w * v for w, v in vals), sum(w for w, _ in vals), len(vals)]
+
+    local = [0.0 if passes.finite else 1.0, sum(passes.losses), float(batch.completion_mask.sum())]
+    local += [int(batch.completion_ids.shape[0])]
+    local += [sum(e for e, _ in passes.entropies), sum(n for _, n in passes.entropies)]
+    for name in metric_names:
+        local += metric_sums(name)
+    reduced = parallel.all_reduce(local)
+    ratio_maxima = [m["tis_ratio_max"] for _, m in passes.metrics if "tis_ratio_max" in m]
+    tis_ratio_max = max(ratio_maxima, default=-math.inf)
+    if tis:
+        tis_ratio_max = parallel.all_reduce([tis_ratio_max], "max")[0]
+    return _StepSums(
+        finite=reduced[0] == 0,
+        loss=reduced[1],
+        tokens=reduced[2],
+        sequences=int(reduced[3]),
+        entropy=(reduced[4], reduced[5]),
+        metrics={n: tuple(reduced[6 + 3 * i : 9 + 3 * i]) for i, n in enumerate(metric_names)},
+        tis_ratio_max=tis_ratio_max,
+    )
+
+
+def _clip_and_step(
+    state: TrainingState,
+    finite: bool,
+    config: AlgorithmConfig,
+    optimizer_step_fn: Callable[[TrainingState], None],
+    parallel: DataParallel,
+) -> tuple[float, bool]:
+    """Sum gradients over ranks, clip to ``max_grad_norm``, step when everything is finite;
+    always drop the gradients. Returns ``(norm before clipping, whether the update was made)``."""
+    params = _trainable_parameters(state)
+    if finite and not parallel.is_sharded(state.policy):  # sharded: summed by the backward
+        parallel.synchronize_gradients(params)
+    grad_norm = float("nan")
+    if finite:
+        max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer_step_fn(state)
+    state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def _step_stats(
+    state: TrainingState, sums: _StepSums, grad_norm: float, finite: bool, tis: bool
+) -> TrainingStats:
+    nan = float("nan")
+
+    def metric(name: str) -> float:
+        weighted, total, count = sums.metrics[name]
+        return weighted / total if count and total else nan
+
+    extra = {}
+    if tis:
+        extra = {name: metric(name) for name in _TIS_MEAN_METRICS}
+        extra["tis_ratio_max"] = sums.tis_ratio_max
+        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
+    entropy_sum, entropy_tokens = sums.entropy
+    return TrainingStats(
+        step=state.step,
+        loss=sums.loss if finite else nan,
+        policy_loss=metric("policy_loss") if finite else nan,
+        value_loss=metric("value_loss") if finite else nan,
+        kl=metric("kl"),
+        kl_coef=state.kl_coef,
+        entropy=entropy_sum / entropy_tokens if entropy_tokens else nan,
+        clip_fraction=metric("clip_fraction"),
+        approx_kl=metric("approx_kl"),
+        grad_norm=grad_norm,
+        num_tokens=int(sums.tokens),
+        num_sequences=int(sums.sequences),
+        skipped_updates=0 if finite else 1,
+        extra=extra or None,
+    )
 
 
 def training_step(
@@ -254,6 +455,8 @@ def training_step(
     logprob_extractor: Callable[..., Any] | None = None,
     kl_fn: Callable[..., Any] | None = None,
     pair_selector: Callable[..., Any] | None = None,
+    *,
+    data_parallel: DataParallel | None = None,
 ) -> tuple[TrainingState, TrainingStats]:
     """One optimizer update over ``batch``, with gradient accumulation and a finiteness guard.
 
@@ -264,7 +467,7 @@ def training_step(
     or the gradient norm is not finite the update is skipped: gradients are dropped, weights and
     optimizer state stay bit-identical, and ``stats.skipped_updates == 1``.
 
-    Data parallel (``rlprim.distributed.is_distributed()``): ``batch`` is this rank's rows (it
+    Data parallel (``data_parallel``, see ``DataParallel``): ``batch`` is this rank's rows (it
     may have none). The weights use the global normaliser (``microbatch_loss_totals``
     all-reduced), backward passes stay local (``no_sync``), then one ``synchronize_gradients``
     sums the gradients over ranks — so the update is the one a single process would make on the
@@ -282,161 +485,113 @@ def training_step(
       logprob_extractor: replacement for ``get_logprobs`` with its signature.
       kl_fn: a ``KLFn`` for the loss's KL term instead of ``config.kl_estimator``.
       pair_selector: ``fn(rewards [B], group_size) -> (chosen [P], rejected [P])`` for DPO.
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``(state._replace(step=step + 1), stats)``; ``step`` advances even when skipped.
     """
     if not isinstance(batch, Batch):
         raise TypeError(f"batch must be an rlprim.Batch, got {type(batch).__name__}")
-    config = algorithm_config
-    if config.norm_length is None and config.loss_agg_mode == "seq-mean-token-sum-norm":
-        # The constant of Dr. GRPO must not change between micro-batches.
-        config = config._replace(norm_length=int(batch.completion_ids.shape[1]))
-    algorithm = get_algorithm(config.name, registry)
-    extract = logprob_extractor or get_logprobs
-    step_fn = optimizer_step_fn or default_optimizer_step
-    params = _trainable_parameters(state)
-    # --- data parallel: global normalisers (rlprim.distributed) ---
-    parallel = is_distributed()
-    if parallel:
-        mode = config.loss_agg_mode
-        if mode == "seq-mean-token-sum-norm" and algorithm_config.norm_length is None:
-            # The global batch's Tc: the longest completion on any rank.
-            tc_global = all_reduce_scalars([batch.completion_ids.shape[1]], "max")[0]
-            config = config._replace(norm_length=int(tc_global))
-        micro = _micro_batches(batch, config.micro_batch_size) if len(batch.completion_ids) else []
-        totals = all_reduce_scalars(microbatch_loss_totals(micro, config.loss_agg_mode))
-        weights = microbatch_loss_weights(micro, config.loss_agg_mode, global_totals=tuple(totals))
-    # --- end data parallel ---
-    else:
-        micro = _micro_batches(batch, config.micro_batch_size)
-        weights = microbatch_loss_weights(micro, config.loss_agg_mode)
-    want_entropy = True
-    # FSDP2 reduce-scatters in every backward: all ranks run as many passes as the busiest.
-    fsdp = parallel and is_fsdp_module(state.policy)
-    passes = int(all_reduce_scalars([len(micro)], "max")[0]) if fsdp else len(micro)
-
-    state.optimizer.zero_grad(set_to_none=True)
-    finite = True
-    losses, metrics_seen, entropies = [], [], []
-    # Data parallel: backward passes accumulate locally; gradients are summed once below.
-    with no_sync(state.policy, state.value_model) if parallel else contextlib.nullcontext():
-        for index in range(passes):
-            if index >= len(micro) or not finite:  # FSDP2 only: keep the collectives in step
-                _idle_pass(state.policy, state.value_model, extract, temperature)
-                continue
-            mb, weight = micro[index], weights[index]
-            input_ids, attention_mask = _model_inputs(mb)
-            tc = mb.completion_ids.shape[1]
-            out = extract(
-                state.policy,
-                input_ids,
-                attention_mask,
-                temperature=temperature,
-                completion_length=tc,
-                return_entropy=want_entropy,
-            )
-            new_logprobs, entropy = out if want_entropy else (out, None)
-            extras: dict[str, Any] = {"kl_coef": state.kl_coef}
-            if kl_fn is not None:
-                extras["kl_fn"] = kl_fn
-            if pair_selector is not None:
-                extras["pair_selector"] = pair_selector
-            if entropy is not None:
-                extras["entropy"] = entropy
-            if algorithm.needs_value:
-                if state.value_model is None:
-                    raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
-                extras["new_values"] = get_values(state.value_model, input_ids, attention_mask, tc)
-            loss, metrics = compute_loss_by_algorithm(
-                config, mb, new_logprobs, registry=registry, loss_fn=loss_fn, **extras
-            )
-            if not torch.isfinite(loss):
-                finite = False
-                if fsdp:  # the update is skipped on every rank; this pass's backward must
-                    # still run (its reduce-scatters pair with the other ranks'), NaN or not.
-                    (loss * 0.0).backward()
-                    continue
-                break
-            if weight and loss.requires_grad:  # a fully masked batch has no graph
-                (loss * weight).backward()
-            losses.append(float(loss.detach()) * weight)
-            metrics_seen.append((weight, dict(metrics)))
-            if entropy is not None:
-                m = mb.completion_mask
-                entropies.append((float((entropy.detach() * m).sum()), float(m.sum())))
-
-    def metric_sums(name: str) -> tuple[float, float, int]:
-        vals = [(w, m[name]) for w, m in metrics_seen if name in m]
-        return sum(w * v for w, v in vals), sum(w for w, _ in vals), len(vals)
-
-    mask = batch.completion_mask
-    tokens = float(mask.sum())
-    num_sequences = int(batch.completion_ids.shape[0])
-    metric_names = ("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl")
-    if algorithm_config.tis_cap is not None:
-        metric_names += _TIS_MEAN_METRICS
-    seen_ratio_max = [m["tis_ratio_max"] for _, m in metrics_seen if "tis_ratio_max" in m]
-    tis_ratio_max = max(seen_ratio_max, default=-math.inf)
-    global_sums: dict[str, tuple[float, float, int]] = {}
-    # --- data parallel: agree on finiteness, sum stats and gradients over ranks ---
-    if parallel:
-        local = [0.0 if finite else 1.0, sum(losses), tokens, num_sequences]
-        local += [sum(e for e, _ in entropies), sum(n for _, n in entropies)]
-        for name in metric_names:
-            local += list(metric_sums(name))
-        reduced = all_reduce_scalars(local)
-        finite = reduced[0] == 0
-        losses, tokens, num_sequences = [reduced[1]], reduced[2], int(reduced[3])
-        entropies = [(reduced[4], reduced[5])]
-        for i, name in enumerate(metric_names):
-            global_sums[name] = tuple(reduced[6 + 3 * i : 9 + 3 * i])
-        if algorithm_config.tis_cap is not None:
-            tis_ratio_max = all_reduce_scalars([tis_ratio_max], "max")[0]
-        if finite and not fsdp:  # FSDP2 has summed them already (reduce-scatter)
-            synchronize_gradients(params)
-    # --- end data parallel ---
-    grad_norm = float("nan")
-    if finite:
-        max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        finite = math.isfinite(grad_norm)
-    if finite:
-        step_fn(state)
-    state.optimizer.zero_grad(set_to_none=True)
-
-    def metric(name: str) -> float:
-        weighted, total, count = global_sums.get(name) or metric_sums(name)
-        return weighted / total if count and total else float("nan")
-
-    ent_tokens = sum(n for _, n in entropies)
-    extra = {}
-    if algorithm_config.tis_cap is not None:
-        extra = {name: metric(name) for name in _TIS_MEAN_METRICS}
-        extra["tis_ratio_max"] = tis_ratio_max
-        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
-    stats = TrainingStats(
-        step=state.step,
-        loss=sum(losses) if finite else float("nan"),
-        policy_loss=metric("policy_loss") if finite else float("nan"),
-        value_loss=metric("value_loss") if finite else float("nan"),
-        kl=metric("kl"),
-        kl_coef=state.kl_coef,
-        entropy=sum(s for s, _ in entropies) / ent_tokens if ent_tokens else float("nan"),
-        clip_fraction=metric("clip_fraction"),
-        approx_kl=metric("approx_kl"),
-        grad_norm=grad_norm,
-        num_tokens=int(tokens),
-        num_sequences=int(num_sequences),
-        skipped_updates=0 if finite else 1,
-        extra=extra or None,
+    parallel = data_parallel or current_data_parallel()
+    config = _step_config(algorithm_config, batch, parallel)
+    settings = _StepSettings(
+        config, get_algorithm(config.name, registry), temperature,
+        logprob_extractor or get_logprobs, registry, loss_fn, kl_fn, pair_selector,
     )
+    micro, weights = _weighted_micro_batches(batch, config, parallel)
+    state.optimizer.zero_grad(set_to_none=True)
+    passes = _accumulate_gradients(state, micro, weights, settings, parallel)
+    tis = algorithm_config.tis_cap is not None
+    sums = _global_step_sums(passes, batch, tis, parallel)
+    step_fn = optimizer_step_fn or default_optimizer_step
+    grad_norm, finite = _clip_and_step(state, sums.finite, config, step_fn, parallel)
+    stats = _step_stats(state, sums, grad_norm, finite, tis)
     return state._replace(step=state.step + 1), stats
 
 
 # --------------------------------------------------------------------------------------------
-# One iteration: generate, score, advantages, update.
+# The phases of one iteration: sample and score → reference and KL → values and advantages →
+# update → refresh. Each is usable alone; ``training_iteration`` is their composition.
 # --------------------------------------------------------------------------------------------
+
+
+class SampleResult(NamedTuple):
+    """What ``sample_and_score`` returns. ``N = Σ_r B_r`` rows over all ranks (``B`` in one
+    process).
+
+    Fields:
+      rollouts: this rank's scored ``Rollout`` s (``rewards`` set to the shaped scalar reward);
+        ``[]`` when some rank has no informative group (the iteration is skipped).
+      batch: ``rollouts_to_batch(rollouts)`` (``[B, …]``; ``old_logprobs`` are the generator's),
+        or ``None`` when skipped.
+      rewards: ``[N]`` shaped rewards of every rank, in rank order (``None`` when skipped).
+      completion_mask: ``[N, Tc_max]`` completion masks of every rank (``None`` when skipped).
+      row_counts: ``[B_0, B_1, …]`` rows per rank (``[B]`` in one process).
+      stats: ``dynamic_sampling/*`` statistics of the job (empty without dynamic sampling).
+      seconds: time spent sampling and scoring.
+    """
+
+    rollouts: list[Any]
+    batch: Batch | None
+    rewards: torch.Tensor | None
+    completion_mask: torch.Tensor | None
+    row_counts: list[int]
+    stats: dict[str, float]
+    seconds: float
+
+
+class ReferenceResult(NamedTuple):
+    """What ``reference_and_kl`` returns (``kl*`` are ``None`` / ``nan`` when no reference ran).
+
+    Fields:
+      batch: the sample batch with ``ref_logprobs`` ``[B, Tc]``, ``old_logprobs`` (the ratio's
+        π_old: ``None`` on-policy — the detached current log-probs — else ``sampling_logprobs``)
+        and ``engine_logprobs`` (the generator's, with TIS) set.
+      sampling_logprobs: ``[B, Tc]`` log-probs of the sampled tokens at the sampling temperature
+        (the generator's, or the trainer's with TIS or when the generator gave none), or
+        ``None`` when nothing needs them.
+      kl: ``[B, Tc]`` per-token KL of ``sampling_logprobs`` to ``ref_logprobs`` (masked).
+      global_kl: ``[N, Tc_max]`` the same for every rank, in rank order.
+      kl_mean: ``Σ kl / Σ m`` over every rank's tokens (``stats.kl``).
+      kl_sequence_mean: the mean over all ``N`` sequences of ``Σ_t kl_t`` (what an adaptive
+        controller observes).
+      seconds: time spent on the forward passes.
+    """
+
+    batch: Batch
+    sampling_logprobs: torch.Tensor | None
+    kl: torch.Tensor | None
+    global_kl: torch.Tensor | None
+    kl_mean: float
+    kl_sequence_mean: float
+    seconds: float
+
+
+class AdvantageResult(NamedTuple):
+    """What ``values_and_advantages`` returns.
+
+    Fields:
+      batch: the reference batch with ``advantages`` (``[B]`` or ``[B, Tc]``), ``returns``
+        (``[B, Tc]`` or ``None``) and ``values`` (``[B, Tc]`` or ``None``) set: ready for
+        ``update_policy``.
+      seconds: time spent on the critic and the advantages.
+    """
+
+    batch: Batch
+    seconds: float
+
+
+class UpdateResult(NamedTuple):
+    """What ``update_policy`` returns.
+
+    Fields:
+      state: the state after the updates (``step`` advanced by their number).
+      step_stats: one ``TrainingStats`` per ``training_step``, in order.
+      seconds: time spent updating.
+    """
+
+    state: TrainingState
+    step_stats: list[TrainingStats]
+    seconds: float
 
 
 def _no_grad_logprobs(model, batch: Batch, temperature: float, micro_batch_size, extract):
@@ -484,8 +639,10 @@ def _shaped_rewards(rollouts, rewards, config: AlgorithmConfig, gen_config, shap
 _SAMPLING_REDUCTIONS = {"rounds": "max", "target_reached": "min"}
 
 
-def _global_sampling_stats(stats: Mapping[str, float]) -> dict[str, float]:
-    """Data parallel: ``dynamic_sampling/*`` of the whole job (same keys on every rank)."""
+def _global_sampling_stats(
+    stats: Mapping[str, float], parallel: DataParallel
+) -> dict[str, float]:
+    """``dynamic_sampling/*`` of the whole job (same keys on every rank)."""
     result = dict(stats)
     for op in ("sum", "max", "min"):
         keys = [
@@ -493,11 +650,13 @@ def _global_sampling_stats(stats: Mapping[str, float]) -> dict[str, float]:
             if _SAMPLING_REDUCTIONS.get(k.split("/", 1)[1], "sum") == op
         ]
         if keys:
-            result.update(zip(keys, all_reduce_scalars([stats[k] for k in keys], op), strict=True))
+            result.update(
+                zip(keys, parallel.all_reduce([stats[k] for k in keys], op), strict=True)
+            )
     return result
 
 
-def _sample_and_score(
+def _scored_rollouts(
     state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
     group_offset,
 ):
@@ -523,33 +682,444 @@ def _sample_and_score(
     return rollouts, {f"dynamic_sampling/{k}": float(v) for k, v in ds._asdict().items()}
 
 
-def _local_rows(x: torch.Tensor, row_offset: int, shape: torch.Size) -> torch.Tensor:
-    """Data parallel: this rank's ``[B_r]`` / ``[B_r, Tc_r]`` part of a global-batch tensor."""
-    rows = x[row_offset : row_offset + shape[0]]
-    return rows[:, : shape[1]] if rows.dim() == 2 else rows
+def sample_and_score(
+    state: TrainingState,
+    prompts: Sequence[Any],
+    gen_config: GenerationConfig,
+    algorithm_config: AlgorithmConfig,
+    reward_fn: Callable[..., Any],
+    generator: Callable[..., Any] = hf_generator,
+    *,
+    aggregator: Callable[..., Any] | None = None,
+    shaping_fn: Callable[..., Any] | None = None,
+    data_parallel: DataParallel | None = None,
+) -> SampleResult:
+    """Phase 1: sample ``G`` completions per prompt, score them, and batch them.
+
+    Reads ``state.policy`` and ``state.tokenizer`` (the weights are not changed). This rank's
+    share of ``prompts`` (``data_parallel.shard_prompts``; group ids stay global) is sampled by
+    ``generator`` with ``gen_config`` (seed ``data_parallel.rank_seed(gen_config.seed)``) in one
+    ``create_batch_rollouts`` call: ``B = P·G`` rollouts, row ``i·G + j`` being sample ``j`` of
+    prompt ``i``. Rewards ``compute_batch_rewards(rollouts, reward_fn, aggregator)`` ``[B]``,
+    then shaping: ``shaping_fn(rewards, lengths)`` when given, else DAPO's overlong penalty when
+    ``algorithm_config.overlong_shaping``. With ``algorithm_config.filter_groups`` groups of
+    equal rewards are dropped and prompts re-sampled (``sample_until_informative``, at most
+    ``max_sampling_rounds`` rounds, seed offset ``100_003 · round``). When any rank is left
+    without an informative group, every rank returns an empty result. The rewards and
+    completion masks of every rank are gathered, for batch-level advantages and statistics.
+
+    Args:
+      state: the current state.
+      prompts: the global prompt items (``str`` or ``{"prompt": ..., **metadata}``).
+      gen_config: sampling configuration (``temperature`` T, ``num_samples`` G, ``seed``).
+      algorithm_config: reads ``filter_groups``, ``max_sampling_rounds`` and the overlong
+        shaping fields.
+      reward_fn: ``reward_fn(rollout) -> float | Sequence[float]``.
+      generator: ``generator(model, tokenizer, prompts, config) -> list[Generation]``.
+      aggregator: reduces vector rewards ``[B, K] -> [B]``.
+      shaping_fn: ``fn(rewards [B], lengths [B]) -> rewards [B]``.
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
+    Returns:
+      ``SampleResult(rollouts, batch, rewards [N], completion_mask [N, Tc], row_counts, stats,
+      seconds)``.
+    """
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    parallel = data_parallel or current_data_parallel()
+    prompts, group_offset = parallel.shard_prompts(prompts)
+    gen_config = gen_config._replace(seed=parallel.rank_seed(gen_config.seed))
+    start = time.perf_counter()
+    with parallel.gathered_parameters(state.policy):  # FSDP2: ranks sample different lengths
+        rollouts, stats = _scored_rollouts(
+            state, prompts, gen_config, algorithm_config, reward_fn, generator, aggregator,
+            shaping_fn, group_offset,
+        )
+    seconds = time.perf_counter() - start
+    stats = _global_sampling_stats(stats, parallel)
+    if parallel.all_reduce([1.0 if rollouts else 0.0], "min")[0] == 0:
+        return SampleResult([], None, None, None, [], stats, seconds)
+    batch = rollouts_to_batch(rollouts, state.tokenizer)
+    rewards, row_counts = parallel.gather_rows(batch.rewards)
+    mask, _ = parallel.gather_rows(batch.completion_mask)
+    return SampleResult(rollouts, batch, rewards, mask, row_counts, stats, seconds)
+
+
+def _is_on_policy(config: AlgorithmConfig, num_rows: int) -> bool:
+    """One epoch of one minibatch: the ratio's π_old is the detached current policy."""
+    num_minibatches = 1
+    if config.minibatch_size is not None:
+        num_minibatches = math.ceil(num_rows / config.minibatch_size)
+    return config.num_epochs == 1 and num_minibatches == 1
+
+
+def _sampling_logprobs(
+    state: TrainingState,
+    batch: Batch,
+    config: AlgorithmConfig,
+    temperature: float,
+    needed: bool,
+    extract: Callable[..., Any],
+    parallel: DataParallel,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(engine_logprobs, sampling_logprobs)``: with TIS the generator's log-probs are the
+    engine's and π_old is the trainer's own; a no-grad forward runs only when ``needed``."""
+    engine_logprobs, sampling_logprobs = None, batch.old_logprobs
+    if config.tis_cap is not None:
+        if batch.old_logprobs is None:
+            raise ValueError(
+                f"algorithm_config.tis_cap={config.tis_cap} needs the generator's sampling "
+                "log-probs (Generation.logprobs), but the generator returned none"
+            )
+        engine_logprobs, sampling_logprobs = batch.old_logprobs, None
+    if sampling_logprobs is None and needed:
+        with parallel.gathered_parameters(state.policy):  # FSDP2: micro-batch counts differ
+            sampling_logprobs = _no_grad_logprobs(
+                state.policy, batch, temperature, config.micro_batch_size, extract
+            )
+    return engine_logprobs, sampling_logprobs
+
+
+def reference_and_kl(
+    state: TrainingState,
+    samples: SampleResult,
+    algorithm_config: AlgorithmConfig,
+    temperature: float = 1.0,
+    *,
+    registry: Mapping[str, Any] = ALGORITHMS,
+    logprob_extractor: Callable[..., Any] | None = None,
+    kl_fn: Callable[..., Any] | None = None,
+    data_parallel: DataParallel | None = None,
+) -> ReferenceResult:
+    """Phase 2: π_old's log-probs, the reference's log-probs and the per-token KL.
+
+    Reads ``samples.batch`` and runs (without gradients) ``state.ref_model`` and, when needed,
+    ``state.policy``. π_old: the generator's sampling log-probs; with ``tis_cap`` they become
+    ``engine_logprobs`` and the trainer's own are computed, as they are when the generator gave
+    none and either the update is off-policy (several epochs or minibatches) or a reference
+    runs. The reference runs only when ``requires_reference_model`` (β > 0 or DPO)::
+
+        ref_logprobs = get_reference_logprobs(ref_model, ..., temperature=T) · m   [B, Tc]
+        kl = compute_per_token_kl(sampling_logprobs, ref_logprobs, kl_estimator) · m
+
+    so with ``d = log π_old − log π_ref`` the k3 estimator gives ``exp(−d) + d − 1`` per token
+    (reverse KL, KL(π_θ ‖ π_ref)). ``kl_mean = Σ kl / Σ m`` and ``kl_sequence_mean =
+    mean_i Σ_t kl_it`` are over every rank's rows.
+
+    Args:
+      state: the current state (``ref_model`` needed when a reference runs).
+      samples: ``sample_and_score``'s result (not an empty one).
+      algorithm_config: reads ``kl_coef``, ``kl_estimator``, ``tis_cap``, ``num_epochs``,
+        ``minibatch_size`` and ``micro_batch_size``.
+      temperature: the sampling temperature T (log-probs of ``logits / T``).
+      registry: where to look the algorithm up (``requires_reference_model``).
+      logprob_extractor: replacement for ``get_logprobs``.
+      kl_fn: a ``KLFn`` replacing ``kl_estimator``.
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
+    Returns:
+      ``ReferenceResult(batch, sampling_logprobs, kl, global_kl, kl_mean, kl_sequence_mean,
+      seconds)``.
+    """
+    config, batch = algorithm_config, samples.batch
+    if batch is None:
+        raise ValueError("samples has no batch (an empty SampleResult): skip the iteration")
+    parallel = data_parallel or current_data_parallel()
+    start = time.perf_counter()
+    on_policy = _is_on_policy(config, sum(samples.row_counts))
+    needs_reference = requires_reference_model(config, registry)
+    engine_logprobs, sampling_logprobs = _sampling_logprobs(
+        state, batch, config, temperature, not on_policy or needs_reference,
+        logprob_extractor or get_logprobs, parallel,
+    )
+    ref_logprobs = kl = global_kl = None
+    kl_mean = kl_sequence_mean = float("nan")
+    if needs_reference:
+        if state.ref_model is None:
+            raise ValueError(
+                f"algorithm {config.name!r} with kl_coef={state.kl_coef} needs state.ref_model, "
+                "got None"
+            )
+        input_ids, attention_mask = _model_inputs(batch)
+        ref_logprobs = get_reference_logprobs(
+            state.ref_model, input_ids, attention_mask, temperature=temperature,
+            completion_length=batch.completion_ids.shape[1],
+        ) * batch.completion_mask
+        kl = compute_per_token_kl(
+            sampling_logprobs, ref_logprobs, config.kl_estimator, kl_fn=kl_fn
+        ) * batch.completion_mask
+        global_kl = parallel.gather_rows(kl)[0]
+        kl_mean = float(global_kl.sum() / samples.completion_mask.sum().clamp(min=1))
+        kl_sequence_mean = float(global_kl.sum(dim=1).mean())
+    batch = batch._replace(
+        ref_logprobs=ref_logprobs,
+        old_logprobs=None if on_policy else sampling_logprobs,
+        engine_logprobs=engine_logprobs,
+    )
+    seconds = time.perf_counter() - start
+    return ReferenceResult(
+        batch, sampling_logprobs, kl, global_kl, kl_mean, kl_sequence_mean, seconds
+    )
+
+
+def _keep_rows(x: torch.Tensor, rows: range, shape: torch.Size) -> torch.Tensor:
+    """This rank's ``[B_r]`` / ``[B_r, Tc_r]`` part of a global-batch tensor."""
+    local = x[rows.start : rows.stop]
+    return local[:, : shape[1]] if local.dim() == 2 else local
+
+
+def values_and_advantages(
+    state: TrainingState,
+    samples: SampleResult,
+    reference: ReferenceResult,
+    algorithm_config: AlgorithmConfig,
+    group_size: int,
+    *,
+    registry: Mapping[str, Any] = ALGORITHMS,
+    advantage_fn: Callable[..., Any] | None = None,
+    data_parallel: DataParallel | None = None,
+) -> AdvantageResult:
+    """Phase 3: the critic's values (when the algorithm has one) and the advantages.
+
+    Reads ``reference.batch`` and runs ``state.value_model`` without gradients (PPO):
+    ``values [B, Tc]``. The advantages are those of the global batch (every rank's rewards,
+    masks, values and KL, so batch-level statistics such as whitening are global)::
+
+        compute_advantages_by_algorithm(config, samples.rewards [N], group_size=G,
+            mask=samples.completion_mask, values, kl=reference.global_kl, kl_coef=state.kl_coef)
+
+    → ``[N]`` (group methods, RLOO, REINFORCE) or ``([N, Tc], returns [N, Tc])`` (PPO; with
+    ``kl_in_reward`` the per-token reward is ``r_t − β·kl_t``); each rank keeps its rows.
+
+    Args:
+      state: the current state (its ``kl_coef`` is β).
+      samples: ``sample_and_score``'s result.
+      reference: ``reference_and_kl``'s result.
+      algorithm_config: the algorithm configuration.
+      group_size: completions per prompt ``G``.
+      registry: where to look the algorithm up.
+      advantage_fn: replaces the registry's advantage function.
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
+    Returns:
+      ``AdvantageResult(batch with advantages, returns and values, seconds)``.
+    """
+    config, batch = algorithm_config, reference.batch
+    parallel = data_parallel or current_data_parallel()
+    start = time.perf_counter()
+    values = global_values = None
+    if get_algorithm(config.name, registry).needs_value:
+        if state.value_model is None:
+            raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
+        input_ids, attention_mask = _model_inputs(batch)
+        with torch.no_grad(), parallel.gathered_parameters(state.value_model):
+            values = get_values(
+                state.value_model, input_ids, attention_mask, batch.completion_ids.shape[1],
+                batch.completion_mask,
+            )
+        global_values = parallel.gather_rows(values)[0]
+    advantages = compute_advantages_by_algorithm(
+        config,
+        samples.rewards,
+        registry=registry,
+        advantage_fn=advantage_fn,
+        group_size=group_size,
+        mask=samples.completion_mask,
+        values=global_values,
+        kl=reference.global_kl,
+        kl_coef=state.kl_coef,
+    )
+    returns = None
+    if isinstance(advantages, tuple):
+        advantages, returns = advantages
+    rows, shape = parallel.local_rows(samples.row_counts), batch.completion_mask.shape
+    advantages, returns = (
+        None if x is None else _keep_rows(x, rows, shape) for x in (advantages, returns)
+    )
+    batch = batch._replace(advantages=advantages, returns=returns, values=values)
+    return AdvantageResult(batch, time.perf_counter() - start)
 
 
 def _local_minibatches(
-    batch: Batch, global_rows: int, row_offset: int, size: int, seed: int
+    batch: Batch, global_rows: int, rows: range, size: int, seed: int
 ) -> list[Batch]:
-    """Data parallel: ``split_minibatches(global_batch, size, seed)`` restricted to this rank.
+    """``split_minibatches(global_batch, size, seed)`` restricted to this rank's ``rows``.
 
     Minibatch ``k`` holds the rows ``perm[k·size : (k+1)·size]`` of the global batch (the
-    permutation ``split_minibatches`` draws); this rank keeps those in ``[row_offset,
-    row_offset + B_r)``, in the same order — possibly none (a 0-row batch). Every rank gets the
-    same number of minibatches, so all take the same optimizer steps.
+    permutation ``split_minibatches`` draws); this rank keeps those in ``rows``, in the same
+    order — possibly none (a 0-row batch). Every rank gets the same number of minibatches, so
+    all take the same optimizer steps. In one process this is ``split_minibatches``.
     """
     order = torch.randperm(global_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    local_count = batch.completion_ids.shape[0]
     result = []
     for start in range(0, global_rows, size):
-        rows = [i - row_offset for i in order[start : start + size]]
-        rows = [i for i in rows if 0 <= i < local_count]
-        if rows:
-            result.append(trim_padding(select_batch(batch, rows)))
+        local = [i - rows.start for i in order[start : start + size] if i in rows]
+        if local:
+            result.append(trim_padding(select_batch(batch, local)))
         else:
             result.append(Batch(*(None if x is None else x[:0] for x in batch)))
     return result
+
+
+def update_policy(
+    state: TrainingState,
+    batch: Batch,
+    algorithm_config: AlgorithmConfig,
+    row_counts: Sequence[int] | None = None,
+    *,
+    temperature: float = 1.0,
+    loss_fn: Callable[..., Any] | None = None,
+    optimizer_step_fn: Callable[[TrainingState], None] | None = None,
+    registry: Mapping[str, Any] = ALGORITHMS,
+    logprob_extractor: Callable[..., Any] | None = None,
+    kl_fn: Callable[..., Any] | None = None,
+    pair_selector: Callable[..., Any] | None = None,
+    data_parallel: DataParallel | None = None,
+) -> UpdateResult:
+    """Phase 4: ``num_epochs`` × minibatches of ``training_step`` on ``batch``.
+
+    Reads ``batch`` (advantages set; ``old_logprobs`` is π_old, or ``None`` on-policy) and
+    updates ``state.policy`` (and critic) and the optimizer in place. Epoch ``e`` draws the
+    minibatches of ``minibatch_size`` global rows from the permutation seeded by
+    ``state.step · 1009 + e`` (``split_minibatches``; one minibatch of all rows without
+    ``minibatch_size``); data parallel, each rank trains on its rows of each minibatch.
+
+    Args:
+      state: the current state.
+      batch: this rank's ``Batch`` from ``values_and_advantages``.
+      algorithm_config: reads ``num_epochs``, ``minibatch_size`` and everything
+        ``training_step`` reads.
+      row_counts: ``[B_0, B_1, …]`` rows per rank (``SampleResult.row_counts``); ``None``
+        gathers them.
+      temperature: the sampling temperature.
+      loss_fn, optimizer_step_fn, registry, logprob_extractor, kl_fn, pair_selector: passed
+        to ``training_step``.
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
+    Returns:
+      ``UpdateResult(state, step_stats, seconds)``.
+    """
+    config = algorithm_config
+    parallel = data_parallel or current_data_parallel()
+    if row_counts is None:
+        row_counts = parallel.gather_rows(torch.zeros(len(batch.completion_ids)))[1]
+    global_rows, rows = sum(row_counts), parallel.local_rows(row_counts)
+    single = config.minibatch_size is None or math.ceil(global_rows / config.minibatch_size) == 1
+    start = time.perf_counter()
+    step_stats: list[TrainingStats] = []
+    for epoch in range(config.num_epochs):
+        seed = state.step * 1009 + epoch
+        minibatches = (
+            [batch] if single
+            else _local_minibatches(batch, global_rows, rows, config.minibatch_size, seed)
+        )
+        for minibatch in minibatches:
+            state, stats = training_step(
+                state, minibatch, config, loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn,
+                temperature=temperature, registry=registry, logprob_extractor=logprob_extractor,
+                kl_fn=kl_fn, pair_selector=pair_selector, data_parallel=parallel,
+            )
+            step_stats.append(stats)
+    return UpdateResult(state, step_stats, time.perf_counter() - start)
+
+
+def refresh_reference(
+    state: TrainingState,
+    ref_model_update_fn: Callable[..., Any] | None = None,
+    kl_controller: Callable[..., float] | None = None,
+    observed_kl: float = float("nan"),
+    num_sequences: int = 0,
+    *,
+    data_parallel: DataParallel | None = None,
+) -> TrainingState:
+    """Phase 5: the next β and the refreshed reference model.
+
+    β ← ``kl_controller(state.kl_coef, observed_kl, num_sequences)`` when a controller is given
+    and ``observed_kl`` is finite — Ziegler et al. (2019) control the KL of whole sequences, so
+    ``training_iteration`` passes ``ReferenceResult.kl_sequence_mean`` (the batch mean of
+    ``Σ_t kl_t``) and ``N`` (``create_adaptive_kl_controller``). Then
+    ``ref_model ← ref_model_update_fn(ref_model, policy, state.step)`` when both are given
+    (``update_reference_model``; under FSDP2 with the policy's gathered weights).
+
+    Args:
+      state: the state after the update.
+      ref_model_update_fn: ``fn(ref_model, policy, step) -> ref_model`` or ``None``.
+      kl_controller: ``fn(coef, observed_kl, n_steps) -> coef`` or ``None``.
+      observed_kl: the KL the controller observes.
+      num_sequences: the number of sequences it was observed on (``n_steps``).
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
+    Returns:
+      ``state`` with the new ``kl_coef`` and ``ref_model``.
+    """
+    parallel = data_parallel or current_data_parallel()
+    if kl_controller is not None and math.isfinite(observed_kl):
+        state = state._replace(
+            kl_coef=float(kl_controller(state.kl_coef, observed_kl, num_sequences))
+        )
+    if ref_model_update_fn is not None and state.ref_model is not None:
+        policy = parallel.full_model(state.policy, state.ref_model)
+        state = state._replace(
+            ref_model=update_reference_model(
+                state.ref_model, policy, ref_model_update_fn, state.step
+            )
+        )
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# One iteration: the phases composed.
+# --------------------------------------------------------------------------------------------
+
+
+def _iteration_config(
+    algorithm_config: AlgorithmConfig, gen_config: GenerationConfig, registry: Mapping[str, Any]
+) -> AlgorithmConfig:
+    """The checked config; Dr. GRPO's constant ``L`` defaults to ``max_new_tokens``."""
+    config = validate_algorithm_config(algorithm_config)
+    get_algorithm(config.name, registry)
+    if config.loss_agg_mode == "seq-mean-token-sum-norm" and config.norm_length is None:
+        config = config._replace(norm_length=gen_config.max_new_tokens)
+    return config
+
+
+def _iteration_stats(
+    state: TrainingState,
+    samples: SampleResult,
+    reference: ReferenceResult,
+    advantages: AdvantageResult,
+    update: UpdateResult,
+) -> TrainingStats:
+    """The iteration's ``TrainingStats``: batch statistics of every rank's rows and the
+    updates' statistics averaged (``tis_ratio_max`` maximised)."""
+    steps, mask, rewards = update.step_stats, samples.completion_mask, samples.rewards
+    extra = {**samples.stats}
+    if math.isfinite(reference.kl_sequence_mean):
+        extra["kl_sequence"] = reference.kl_sequence_mean
+    step_extras = [s.extra for s in steps if s.extra]
+    for name in _TIS_MEAN_METRICS:
+        if any(name in e for e in step_extras):
+            extra[name] = _mean([e[name] for e in step_extras if name in e])
+    ratio_maxima = [e["tis_ratio_max"] for e in step_extras if "tis_ratio_max" in e]
+    if ratio_maxima:
+        extra["tis_ratio_max"] = max(ratio_maxima)
+    return TrainingStats(
+        step=state.step,
+        loss=_mean([s.loss for s in steps]),
+        policy_loss=_mean([s.policy_loss for s in steps]),
+        value_loss=_mean([s.value_loss for s in steps]),
+        kl=reference.kl_mean,
+        kl_coef=state.kl_coef,
+        entropy=_mean([s.entropy for s in steps]),
+        reward_mean=float(rewards.mean()),
+        reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        clip_fraction=_mean([s.clip_fraction for s in steps]),
+        approx_kl=_mean([s.approx_kl for s in steps]),
+        grad_norm=_mean([s.grad_norm for s in steps]),
+        num_tokens=int(mask.sum()),
+        num_sequences=int(mask.shape[0]),
+        skipped_updates=sum(s.skipped_updates for s in steps),
+        response_length=float(mask.sum(dim=1).float().mean()),
+        time_generate=samples.seconds,
+        time_reference=reference.seconds + advantages.seconds,
+        time_train=update.seconds,
+        extra=extra or None,
+    )
 
 
 def training_iteration(
@@ -571,42 +1141,32 @@ def training_iteration(
     logprob_extractor: Callable[..., Any] | None = None,
     kl_fn: Callable[..., Any] | None = None,
     pair_selector: Callable[..., Any] | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> tuple[TrainingState, TrainingStats]:
-    """One RL iteration: rollouts → rewards → (KL) → advantages → updates → reference update.
+    """One RL iteration: the five phases in order, each a public function.
 
-    1. ``G = gen_config.num_samples`` completions per prompt from ``generator`` (one call).
-    2. Rewards ``reward_fn(rollout)`` (vector rewards reduced by ``aggregator``), then
-       shaping (DAPO overlong punishment when ``config.overlong_shaping``, or ``shaping_fn``);
-       with ``config.filter_groups`` groups of equal rewards are dropped and re-sampled
-       (``sample_until_informative``, at most ``config.max_sampling_rounds`` rounds).
-    3. Reference log-probs only when ``requires_reference_model`` (β > 0 or DPO): with β = 0
-       the reference model is never run. Per-token KL of the sampling log-probs to the
-       reference (``config.kl_estimator``) for stats and for ``kl_in_reward``.
-    4. Critic values (PPO), advantages (``advantage_fn`` or the registry's).
-    5. ``num_epochs`` × shuffled minibatches of ``training_step``. With one epoch and one
-       minibatch the ratio's old log-probs are the detached current ones (no extra forward);
-       otherwise they are the sampling log-probs the generator returned (or one no-grad
-       forward when it returned none).
-       With ``config.tis_cap = C`` (truncated importance sampling, for an engine such as vLLM
-       whose log-probs differ from the trainer's) the generator's log-probs become
-       ``batch.engine_logprobs``, π_old is the trainer's own (the detached current log-probs
-       on-policy, else one no-grad forward), and the policy losses weight each token by
+    1. ``sample_and_score``: ``G = gen_config.num_samples`` completions per prompt, rewards
+       (``aggregator``, shaping, DAPO's dynamic sampling), the ``Batch``.
+    2. ``reference_and_kl``: π_old's and the reference's log-probs at the sampling temperature
+       and the per-token KL (the reference runs only when β > 0 or DPO).
+    3. ``values_and_advantages``: the critic's values (PPO) and the advantages of the batch.
+    4. ``update_policy``: ``num_epochs`` × minibatches of ``training_step``. With one epoch and
+       one minibatch the ratio's π_old is the detached current log-probs (no extra forward);
+       otherwise the sampling log-probs. With ``config.tis_cap = C`` the generator's log-probs
+       become ``batch.engine_logprobs`` and the losses weight each token by
        ``min(π_old / π_engine, C)``; the ``tis_*`` diagnostics join ``stats.extra``.
-    6. ``kl_controller(kl_coef, observed_kl, n_steps=B)`` updates β when given, with
-       ``observed_kl`` the batch mean of the per-sequence KL (summed over tokens)
-       (``create_adaptive_kl_controller``); otherwise β is ``config.kl_coef``.
-    7. ``ref_model_update_fn(ref_model, policy, step)`` refreshes the reference.
+    5. ``refresh_reference``: ``kl_controller(β, kl_sequence_mean, N)`` gives the next β (when
+       given; otherwise β is ``config.kl_coef``), ``ref_model_update_fn`` the next reference.
 
-    Data parallel (``torchrun``, ``rlprim.distributed.is_distributed()``): ``prompts`` is the
-    global list; this rank samples its contiguous share (``shard_bounds``, group ids kept
-    global) with seed ``rank_seed(gen_config.seed, rank)``. Rewards, masks, values and KL are
-    gathered so advantages and every statistic are the global batch's; minibatches are the
-    single-process ones (same shuffle of the global rows), each rank training on its rows of
-    each; ``training_step`` sums gradients over ranks. Every rank ends with the same weights
-    and the same stats (timings are per rank; ``dynamic_sampling/*`` count the whole job:
-    groups summed, rounds the most any rank needed, ``target_reached`` only if every rank
-    reached its target). When any rank is
-    left without an informative group, every rank skips the iteration.
+    When some rank has no informative group left (dynamic sampling), the iteration is skipped:
+    the state is unchanged and ``stats.extra["no_informative_groups"] == 1``.
+
+    Data parallel (``torchrun``; ``data_parallel`` defaults to ``current_data_parallel()``):
+    ``prompts`` is the global list, each rank samples its share with its own seed, advantages
+    and every statistic are the global batch's, minibatches are the single-process ones, and
+    ``training_step`` sums gradients over ranks, so every rank ends with the same weights and
+    stats (timings are per rank; ``dynamic_sampling/*`` count the whole job: groups summed,
+    rounds the most any rank needed, ``target_reached`` only if every rank reached its target).
 
     Args:
       state: the current state.
@@ -627,223 +1187,88 @@ def training_iteration(
       kl_fn: a ``KLFn`` replacing ``config.kl_estimator`` everywhere (statistics, KL in the
         reward, KL in the loss).
       pair_selector: DPO's pair selection (see ``dpo_loss_fn``).
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``(new_state, stats)`` with the iteration's statistics and phase timings.
     """
-    config = validate_algorithm_config(algorithm_config)
-    if not prompts:
-        raise ValueError("prompts must not be empty")
-    algorithm = get_algorithm(config.name, registry)
-    kl_coef = state.kl_coef if kl_controller is not None else float(config.kl_coef)
-    state = state._replace(kl_coef=kl_coef)
-    extract = logprob_extractor or get_logprobs
+    config = _iteration_config(algorithm_config, gen_config, registry)
+    parallel = data_parallel or current_data_parallel()
+    beta = state.kl_coef if kl_controller is not None else float(config.kl_coef)
+    state = state._replace(kl_coef=beta)
     temperature = gen_config.temperature
-    if config.loss_agg_mode == "seq-mean-token-sum-norm" and config.norm_length is None:
-        config = config._replace(norm_length=gen_config.max_new_tokens)
-    # --- data parallel: this rank's prompts and sampling seed ---
-    parallel = is_distributed()
-    group_offset = 0
-    if parallel:
-        info = get_distributed_info()
-        group_offset, stop = shard_bounds(len(prompts), info.rank, info.world_size)
-        prompts = list(prompts)[group_offset:stop]
-        gen_config = gen_config._replace(seed=rank_seed(gen_config.seed, info.rank))
-    # --- end data parallel ---
 
-    t0 = time.perf_counter()
-    with gathered_parameters(state.policy):  # FSDP2: ranks sample different lengths
-        rollouts, sampling_stats = _sample_and_score(
-            state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
-            group_offset,
-        )
-    time_generate = time.perf_counter() - t0
-    if parallel and sampling_stats:
-        sampling_stats = _global_sampling_stats(sampling_stats)
-    if parallel and all_reduce_scalars([1.0 if rollouts else 0.0], "min")[0] == 0:
-        rollouts = []  # some rank has nothing to train on: every rank skips together
-    if not rollouts:
-        stats = TrainingStats(
-            step=state.step, kl_coef=kl_coef, skipped_updates=1, time_generate=time_generate,
-            extra={"no_informative_groups": 1.0, **sampling_stats},
-        )
-        return state, stats
-
-    batch = rollouts_to_batch(rollouts, state.tokenizer)
-    rewards = batch.rewards
-    mask = batch.completion_mask
-    # Batch-level quantities (advantages, statistics) use the global batch when data parallel.
-    global_rewards, global_mask, global_rows, row_offset = rewards, mask, int(mask.shape[0]), 0
-    # --- data parallel: the global batch's rewards and masks, in single-process order ---
-    if parallel:
-        global_rewards, row_counts = gather_rows(rewards)
-        global_mask, _ = gather_rows(mask)
-        global_rows, row_offset = sum(row_counts), sum(row_counts[: info.rank])
-    # --- end data parallel ---
-    num_minibatches = 1
-    if config.minibatch_size is not None:
-        num_minibatches = math.ceil(global_rows / config.minibatch_size)
-    on_policy = config.num_epochs == 1 and num_minibatches == 1
-
-    t1 = time.perf_counter()
-    engine_logprobs = None
-    if config.tis_cap is not None:
-        # TIS: the generator's log-probs are the engine's; π_old is recomputed by the trainer.
-        if batch.old_logprobs is None:
-            raise ValueError(
-                f"algorithm_config.tis_cap={config.tis_cap} needs the generator's sampling "
-                "log-probs (Generation.logprobs), but the generator returned none"
-            )
-        engine_logprobs, batch = batch.old_logprobs, batch._replace(old_logprobs=None)
-    sampling_logprobs = batch.old_logprobs
-    if sampling_logprobs is None and (not on_policy or requires_reference_model(config, registry)):
-        with gathered_parameters(state.policy):  # FSDP2: micro-batch counts differ by rank
-            sampling_logprobs = _no_grad_logprobs(
-                state.policy, batch, temperature, config.micro_batch_size, extract
-            )
-    ref_logprobs = kl = None
-    kl_mean = kl_sequence_mean = float("nan")
-    if requires_reference_model(config, registry):
-        if state.ref_model is None:
-            raise ValueError(
-                f"algorithm {config.name!r} with kl_coef={kl_coef} needs state.ref_model, got None"
-            )
-        input_ids, attention_mask = _model_inputs(batch)
-        ref_logprobs = (
-            get_reference_logprobs(
-                state.ref_model,
-                input_ids,
-                attention_mask,
-                temperature=temperature,
-                completion_length=batch.completion_ids.shape[1],
-            )
-            * mask
-        )
-        kl = compute_per_token_kl(
-            sampling_logprobs, ref_logprobs, config.kl_estimator, kl_fn=kl_fn
-        ) * mask
-        global_kl = gather_rows(kl)[0] if parallel else kl
-        kl_mean = float(global_kl.sum() / global_mask.sum().clamp(min=1))
-        kl_sequence_mean = float(global_kl.sum(dim=1).mean())
-    values = None
-    if algorithm.needs_value:
-        if state.value_model is None:
-            raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
-        input_ids, attention_mask = _model_inputs(batch)
-        with torch.no_grad(), gathered_parameters(state.value_model):
-            values = get_values(
-                state.value_model, input_ids, attention_mask, batch.completion_ids.shape[1], mask
-            )
-    time_reference = time.perf_counter() - t1
-
-    group_size = gen_config.num_samples
-    adv_values, adv_kl = values, kl
-    # --- data parallel: advantages of the global batch (batch-level statistics included) ---
-    if parallel:
-        adv_values = gather_rows(values)[0] if values is not None else None
-        adv_kl = global_kl if kl is not None else None
-    # --- end data parallel ---
-    adv = compute_advantages_by_algorithm(
-        config,
-        global_rewards,
-        registry=registry,
-        advantage_fn=advantage_fn,
-        group_size=group_size,
-        mask=global_mask,
-        values=adv_values,
-        kl=adv_kl,
-        kl_coef=kl_coef,
+    samples = sample_and_score(
+        state, prompts, gen_config, config, reward_fn, generator,
+        aggregator=aggregator, shaping_fn=shaping_fn, data_parallel=parallel,
     )
-    returns = None
-    if isinstance(adv, tuple):
-        adv, returns = adv
-    # --- data parallel: keep this rank's rows (and columns) ---
-    if parallel:
-        adv, returns = (
-            None if x is None else _local_rows(x, row_offset, mask.shape) for x in (adv, returns)
+    if samples.batch is None:  # some rank has nothing to train on: every rank skips together
+        extra = {"no_informative_groups": 1.0, **samples.stats}
+        skipped = TrainingStats(
+            step=state.step, kl_coef=beta, skipped_updates=1, time_generate=samples.seconds,
+            extra=extra,
         )
-    # --- end data parallel ---
-    batch = batch._replace(
-        advantages=adv,
-        returns=returns,
-        values=values,
-        ref_logprobs=ref_logprobs,
-        old_logprobs=None if on_policy else sampling_logprobs,
-        engine_logprobs=engine_logprobs,
+        return state, skipped
+    reference = reference_and_kl(
+        state, samples, config, temperature, registry=registry,
+        logprob_extractor=logprob_extractor, kl_fn=kl_fn, data_parallel=parallel,
     )
-
-    t2 = time.perf_counter()
-    step_stats: list[TrainingStats] = []
-    for epoch in range(config.num_epochs):
-        if num_minibatches == 1:
-            minibatches = [batch]
-        elif parallel:  # data parallel: this rank's rows of the single-process minibatches
-            minibatches = _local_minibatches(
-                batch, global_rows, row_offset, config.minibatch_size, state.step * 1009 + epoch
-            )
-        else:
-            minibatches = split_minibatches(
-                batch, config.minibatch_size, shuffle_seed=state.step * 1009 + epoch
-            )
-        for mb in minibatches:
-            state, s = training_step(
-                state, mb, config, loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn,
-                temperature=temperature, registry=registry, logprob_extractor=logprob_extractor,
-                kl_fn=kl_fn, pair_selector=pair_selector,
-            )
-            step_stats.append(s)
-    time_train = time.perf_counter() - t2
-
-    if kl_controller is not None and math.isfinite(kl_sequence_mean):
-        # Ziegler et al. control the KL of whole sequences (summed over tokens).
-        state = state._replace(
-            kl_coef=float(kl_controller(kl_coef, kl_sequence_mean, global_rows))
-        )
-    if ref_model_update_fn is not None and state.ref_model is not None:
-        state = state._replace(
-            ref_model=update_reference_model(
-                state.ref_model, _full_policy(state), ref_model_update_fn, state.step
-            )
-        )
-
-    lengths = global_mask.sum(dim=1)
-    extra = {**sampling_stats}
-    if math.isfinite(kl_sequence_mean):
-        extra["kl_sequence"] = kl_sequence_mean
-    step_extras = [s.extra for s in step_stats if s.extra]
-    for name in _TIS_MEAN_METRICS:
-        if any(name in e for e in step_extras):
-            extra[name] = _mean([e[name] for e in step_extras if name in e])
-    ratio_maxima = [e["tis_ratio_max"] for e in step_extras if "tis_ratio_max" in e]
-    if ratio_maxima:
-        extra["tis_ratio_max"] = max(ratio_maxima)
-    stats = TrainingStats(
-        step=state.step,
-        loss=_mean([s.loss for s in step_stats]),
-        policy_loss=_mean([s.policy_loss for s in step_stats]),
-        value_loss=_mean([s.value_loss for s in step_stats]),
-        kl=kl_mean,
-        kl_coef=state.kl_coef,
-        entropy=_mean([s.entropy for s in step_stats]),
-        reward_mean=float(global_rewards.mean()),
-        reward_std=float(global_rewards.std()) if global_rewards.numel() > 1 else 0.0,
-        clip_fraction=_mean([s.clip_fraction for s in step_stats]),
-        approx_kl=_mean([s.approx_kl for s in step_stats]),
-        grad_norm=_mean([s.grad_norm for s in step_stats]),
-        num_tokens=int(global_mask.sum()),
-        num_sequences=int(global_mask.shape[0]),
-        skipped_updates=sum(s.skipped_updates for s in step_stats),
-        response_length=float(lengths.float().mean()),
-        time_generate=time_generate,
-        time_reference=time_reference,
-        time_train=time_train,
-        extra=extra or None,
+    advantages = values_and_advantages(
+        state, samples, reference, config, gen_config.num_samples, registry=registry,
+        advantage_fn=advantage_fn, data_parallel=parallel,
     )
-    return state, stats
+    update = update_policy(
+        state, advantages.batch, config, samples.row_counts, temperature=temperature,
+        loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn, registry=registry,
+        logprob_extractor=logprob_extractor, kl_fn=kl_fn, pair_selector=pair_selector,
+        data_parallel=parallel,
+    )
+    state = refresh_reference(
+        update.state, ref_model_update_fn, kl_controller,
+        observed_kl=reference.kl_sequence_mean, num_sequences=sum(samples.row_counts),
+        data_parallel=parallel,
+    )
+    return state, _iteration_stats(state, samples, reference, advantages, update)
 
 
 # --------------------------------------------------------------------------------------------
 # The loop.
 # --------------------------------------------------------------------------------------------
+
+
+def _iteration_inputs(
+    state: TrainingState,
+    iteration: int,
+    prompt_loader: Callable[[int], Sequence[Any]],
+    gen_config: GenerationConfig,
+    algorithm_config: Any,
+    reward_fn: Any,
+) -> tuple[Sequence[Any], GenerationConfig, AlgorithmConfig, Callable[..., Any], int]:
+    """``(prompts, gen_config with seed + iteration, config, reward_fn, loader position)``."""
+    config = resolve_schedule(algorithm_config, iteration)
+    if callable(config) and not isinstance(config, AlgorithmConfig):
+        config = config(iteration)
+    if not isinstance(config, AlgorithmConfig):
+        raise TypeError(
+            f"algorithm_config for iteration {iteration} must be an AlgorithmConfig, "
+            f"got {type(config).__name__}"
+        )
+    position = int((state.loader_state or {}).get("position", iteration))
+    if gen_config.seed is not None:
+        gen_config = gen_config._replace(seed=gen_config.seed + iteration)
+    prompts = prompt_loader(position)
+    return prompts, gen_config, config, resolve_schedule(reward_fn, iteration), position
+
+
+def _evaluate(
+    state: TrainingState, eval_fn: Callable[[TrainingState], Mapping[str, float]],
+    parallel: DataParallel,
+) -> dict[str, float]:
+    """``eval_fn`` on the bare policy (unwrapped from DDP, FSDP2 weights gathered)."""
+    policy = unwrap_model(state.policy)
+    eval_state = state if policy is state.policy else state._replace(policy=policy)
+    with parallel.gathered_parameters(policy):  # FSDP2: evaluation lengths differ by rank
+        evaluation = eval_fn(eval_state)
+    return {f"eval/{k}": float(v) for k, v in evaluation.items()}
 
 
 def train(
@@ -861,6 +1286,7 @@ def train(
     *,
     eval_every: int = 1,
     progress: bool = True,
+    data_parallel: DataParallel | None = None,
     **iteration_kwargs: Any,
 ) -> TrainingState:
     """Run iterations ``state.iteration … num_iterations - 1`` and return the final state.
@@ -877,7 +1303,8 @@ def train(
     Under ``torchrun`` (see ``rlprim.distributed``) every rank runs this loop on the same
     global prompts; ``training_iteration`` shards them. ``eval_fn`` and ``checkpoint_fn`` run
     on every rank (``eval_fn`` gets the policy unwrapped from DDP; ``save_checkpoint`` writes
-    from rank 0 only); ``logger`` and the progress bar run on rank 0 only.
+    from rank 0 only); ``logger`` and the progress bar run on the main process only
+    (``data_parallel.is_main_process``).
 
     Args:
       initial_state: from ``create_training_state`` or ``load_checkpoint``.
@@ -893,6 +1320,7 @@ def train(
       generator: the ``Generator``.
       eval_every: evaluate every this many iterations (and after the last).
       progress: show the tqdm progress bar.
+      data_parallel: the collectives (``None``: ``current_data_parallel()``).
       **iteration_kwargs: passed to ``training_iteration`` (``aggregator``, ``advantage_fn``,
         ``loss_fn``, ``optimizer_step_fn``, ``kl_controller``, ``registry``, …).
     Returns:
@@ -907,9 +1335,9 @@ def train(
         raise ValueError(f"num_iterations must be an int ≥ 0, got {num_iterations!r}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be ≥ 1, got {eval_every}")
-    state = initial_state
-    start = state.iteration
-    main = is_main_process()  # data parallel: rank 0 alone logs and shows progress
+    parallel = data_parallel or current_data_parallel()
+    state, start = initial_state, initial_state.iteration
+    main = parallel.is_main_process()  # the main process alone logs and shows progress
     bar = tqdm(
         total=max(0, num_iterations - start), disable=not (progress and main), desc="rlprim",
         leave=True,
@@ -917,41 +1345,24 @@ def train(
     t_start = time.perf_counter()
     try:
         for iteration in range(start, num_iterations):
-            config = resolve_schedule(algorithm_config, iteration)
-            if callable(config) and not isinstance(config, AlgorithmConfig):
-                config = config(iteration)
-            if not isinstance(config, AlgorithmConfig):
-                raise TypeError(
-                    f"algorithm_config for iteration {iteration} must be an AlgorithmConfig, "
-                    f"got {type(config).__name__}"
-                )
-            fn = resolve_schedule(reward_fn, iteration)
-            position = int((state.loader_state or {}).get("position", iteration))
-            prompts = prompt_loader(position)
-            cfg = gen_config
-            if gen_config.seed is not None:
-                cfg = gen_config._replace(seed=gen_config.seed + iteration)
+            prompts, cfg, config, fn, position = _iteration_inputs(
+                state, iteration, prompt_loader, gen_config, algorithm_config, reward_fn
+            )
             state, stats = training_iteration(
                 state, prompts, cfg, config, fn, generator, ref_model_update_fn,
-                **iteration_kwargs,
+                data_parallel=parallel, **iteration_kwargs,
             )
             # rng_state=None: the live RNG is the truth (a loaded state's saved RNG is stale).
             state = state._replace(
                 iteration=iteration + 1, loader_state={"position": position + 1}, rng_state=None
             )
             extra = dict(stats.extra or {})
-            extra["iteration"] = float(iteration)
-            extra["algorithm"] = config.name
+            extra.update(iteration=float(iteration), algorithm=config.name)
             extra["wall_time"] = time.perf_counter() - t_start
             if eval_fn is not None and (
                 (iteration + 1) % eval_every == 0 or iteration + 1 == num_iterations
             ):
-                # eval_fn sees the bare model (generate, config) when the policy is DDP-wrapped.
-                policy = unwrap_model(state.policy)
-                eval_state = state if policy is state.policy else state._replace(policy=policy)
-                with gathered_parameters(policy):  # FSDP2: evaluation lengths differ by rank
-                    evaluation = eval_fn(eval_state)
-                extra.update({f"eval/{k}": float(v) for k, v in evaluation.items()})
+                extra.update(_evaluate(state, eval_fn, parallel))
             stats = stats._replace(step=iteration, extra=extra)
             if logger is not None and main:
                 logger(stats)
@@ -964,130 +1375,4 @@ def train(
             )
     finally:
         bar.close()
-    return state
-
-
-# --------------------------------------------------------------------------------------------
-# The one-liner.
-# --------------------------------------------------------------------------------------------
-
-
-def quick_start_training(
-    model_name: str = BUNDLED_MODEL,
-    prompts: Sequence[Any] | None = None,
-    reward_fn: Callable[..., Any] | None = None,
-    num_iterations: int = 100,
-    algorithm: str = "grpo",
-    *,
-    eval_fn: Callable[[TrainingState], Mapping[str, float]] | None = None,
-    prompts_per_iteration: int = 32,
-    num_samples: int = 8,
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
-    learning_rate: float = 3e-4,
-    seed: int = 0,
-    output_dir: str | None = None,
-    eval_every: int = 5,
-    logger: Callable[..., None] | None = None,
-    progress: bool = True,
-    generator: Callable[..., Any] = hf_generator,
-    **overrides: Any,
-) -> TrainingState:
-    """Train ``model_name`` with ``algorithm`` on ``prompts`` in one call; return the final state.
-
-    Everything is the public primitives: ``load_model`` / ``load_tokenizer``,
-    ``create_algorithm_config(algorithm, overrides)``, ``create_training_state`` (AdamW),
-    ``create_prompt_loader`` (``prompts_per_iteration`` prompts, shuffled by ``seed``) and
-    ``train`` with ``num_samples`` completions per prompt. With the bundled model
-    (``"rlprim/arith-tiny"``) and no ``prompts`` it trains on the arithmetic task's training
-    split with ``arithmetic_reward`` and reports held-out greedy accuracy (``eval_fn``) every
-    ``eval_every`` iterations. With ``output_dir`` it writes ``stats.jsonl``, a
-    ``reward_curve.png`` and a final checkpoint there.
-
-    Args:
-      model_name: a bundled short name, a local directory or a hub name.
-      prompts: prompt items; ``None`` only with the bundled model (the arithmetic task).
-      reward_fn: ``reward_fn(rollout) -> float``; ``None`` only with the bundled model.
-      num_iterations: training iterations.
-      algorithm: a registered algorithm name.
-      eval_fn: ``fn(state) -> {name: value}``; defaults to held-out accuracy for the bundled
-        model.
-      prompts_per_iteration, num_samples, max_new_tokens, temperature: sampling settings.
-      learning_rate: AdamW's learning rate.
-      seed: seeds sampling, shuffling and torch.
-      output_dir: where to write stats, plot and checkpoint (``None``: nothing written).
-      eval_every: iterations between evaluations.
-      logger: an extra ``Logger``.
-      progress: show the tqdm bar.
-      generator: the ``Generator``.
-      **overrides: ``AlgorithmConfig`` fields, e.g. ``kl_coef=0.0``.
-    Returns:
-      The final ``TrainingState``.
-    """
-    import os
-
-    from rlprim.checkpoint import save_checkpoint
-    from rlprim.data import create_prompt_loader
-    from rlprim.inference import load_model, load_tokenizer
-    from rlprim.logging import combine_loggers, create_jsonl_logger, plot_training_stats
-
-    if prompts is None or reward_fn is None:
-        if model_name != BUNDLED_MODEL:
-            raise ValueError(
-                f"prompts and reward_fn are required for model_name={model_name!r}; only the "
-                f"bundled {BUNDLED_MODEL!r} has a default task (arithmetic)"
-            )
-        from rlprim.tasks.arithmetic import (
-            arithmetic_reward,
-            arithmetic_split,
-            create_arithmetic_eval_fn,
-        )
-
-        train_problems, held_out = arithmetic_split(2000, 200, seed=seed)
-        prompts = train_problems if prompts is None else prompts
-        reward_fn = arithmetic_reward if reward_fn is None else reward_fn
-        if eval_fn is None:
-            eval_fn = create_arithmetic_eval_fn(held_out)
-    torch.manual_seed(seed)
-    policy = load_model(model_name)
-    tokenizer = load_tokenizer(model_name)
-    config = create_algorithm_config(algorithm, overrides)
-    state = create_training_state(policy, tokenizer, config, learning_rate=learning_rate)
-    loader = create_prompt_loader(
-        list(prompts), batch_size=min(prompts_per_iteration, len(prompts)), seed=seed
-    )
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        num_samples=num_samples,
-        seed=seed,
-    )
-    stats_path = None
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        stats_path = os.path.join(output_dir, "stats.jsonl")
-        if os.path.exists(stats_path):
-            os.remove(stats_path)
-        logger = combine_loggers(create_jsonl_logger(stats_path), logger)
-    state = train(
-        state,
-        loader,
-        num_iterations,
-        gen_config,
-        config,
-        reward_fn,
-        eval_fn=eval_fn,
-        logger=logger,
-        generator=generator,
-        eval_every=eval_every,
-        progress=progress,
-    )
-    if output_dir is not None:
-        save_checkpoint(state, os.path.join(output_dir, "checkpoint"))
-        metrics = ["reward_mean", "eval/heldout_accuracy", "kl", "entropy"]
-        if os.path.getsize(stats_path) > 0:
-            plot_training_stats(
-                stats_path, os.path.join(output_dir, "reward_curve.png"), metrics=metrics,
-                x="time",
-            )
     return state

@@ -543,3 +543,25 @@ def test_wrap_training_state_without_a_process_group_and_unwrap():
         rd.wrap_training_state(model)
     with rd.no_sync(model, None):  # a plain module has no no_sync: skipped
         pass
+
+
+def test_the_single_process_collectives_are_identities():
+    parallel = rd.create_single_process_parallel()
+    assert isinstance(parallel, rd.DataParallel)
+    assert rd.current_data_parallel()._fields == parallel._fields  # one process: the identity
+    assert rd.current_data_parallel().is_main_process() and not parallel.is_sharded(None)
+    prompts = ["a", "b", "c"]
+    assert parallel.shard_prompts(prompts) == (prompts, 0) and parallel.rank_seed(7) == 7
+    rows = torch.arange(6.0).reshape(3, 2)
+    gathered, counts = parallel.gather_rows(rows)
+    assert gathered is rows and counts == [3] and parallel.local_rows(counts) == range(3)
+    assert parallel.all_reduce([1, 2.5], "max") == [1.0, 2.5]
+    with pytest.raises(ValueError, match="op must be one of"):
+        parallel.all_reduce([1.0], "mean")
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.ones(2)
+    assert parallel.synchronize_gradients([param]) == 0 and torch.equal(param.grad, torch.ones(2))
+    model = torch.nn.Linear(2, 2)
+    with parallel.no_sync(model), parallel.gathered_parameters(model):
+        pass
+    assert parallel.full_model(model, None) is model

@@ -473,3 +473,373 @@ def test_tis_without_generator_logprobs_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="tis_cap"):
         rp.training_iteration(state, PROMPTS[:2], GEN, config, VARIED, generator=no_logprobs)
     assert same_params(before, params_of(state.policy)) and state.step == 0
+
+
+# ---------------------------------------------------------------- the phases, one at a time
+# Every phase runs here at a sampling temperature T ≠ 1, with a reference model that differs
+# from the policy (another random initialisation: |log π − log π_ref| ≈ 0.3 per token, far
+# from the ±20 clamp of the low-variance estimator and from any cap), and its numbers are
+# recomputed in the test from the sampled tokens, one unpadded row at a time.
+
+T_PHASES = 0.7
+GEN_T = GEN._replace(temperature=T_PHASES)
+
+
+def recording_generator(recorded):
+    def generator(model, tokenizer, prompts, config):
+        generations = rp.hf_generator(model, tokenizer, prompts, config)
+        recorded.extend(generations)
+        return generations
+
+    return generator
+
+
+def logprobs_by_hand(model, generation, temperature):
+    """``log softmax(z / T)`` of each sampled token: one row, no padding, float64 softmax."""
+    prompt = list(generation.prompt_ids)
+    ids = torch.tensor([prompt + list(generation.token_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double() / temperature
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return logp[torch.arange(len(generation.token_ids)), torch.tensor(generation.token_ids)]
+
+
+def phase_state(tokenizer, name, **overrides):
+    """The policy (seed 0) and a reference that is another model (seed 1)."""
+    config = rp.create_algorithm_config(name, overrides)
+    state = rp.create_training_state(
+        tiny_model("qwen2", seed=0), tokenizer, config, learning_rate=1e-3,
+        ref_model=tiny_model("qwen2", seed=1),
+    )
+    return state, config
+
+
+def k3_by_hand(policy, ref_model, generation, temperature):
+    """Reverse KL(π ‖ π_ref) per token, k3 = exp(−d) + d − 1 with d = log π − log π_ref."""
+    d = logprobs_by_hand(policy, generation, temperature) - logprobs_by_hand(
+        ref_model, generation, temperature
+    )
+    return torch.exp(-d) + d - 1
+
+
+def test_sample_and_score_pins_rewards_shaping_and_sampling_logprobs(tokenizer):
+    # DAPO's overlong shaping away from its cap: L_max = 8 > max_new_tokens = 6, buffer 4, so a
+    # completion of L tokens gets ((8 − 4) − L) / 4 ∈ [−0.5, 0] (never the −1 of L > L_max).
+    state, config = make_state(
+        tokenizer, "dapo", filter_groups=False, max_response_len=8, overlong_buffer_len=4
+    )
+    recorded = []
+    samples = rp.sample_and_score(
+        state, PROMPTS[:2], GEN_T, config, VARIED, recording_generator(recorded)
+    )
+    assert samples.row_counts == [8] and len(recorded) == 8 and samples.stats == {}
+    assert [r.group_id for r in samples.rollouts] == [0, 0, 0, 0, 1, 1, 1, 1]
+    penalties = []
+    for generation, rollout, reward in zip(recorded, samples.rollouts, samples.rewards, strict=True):
+        length = len(generation.token_ids)
+        penalties.append(min(0.0, (4 - length) / 4))
+        expected = VARIED(rollout) + penalties[-1]
+        assert rollout.rewards == pytest.approx(expected, abs=1e-6)
+        assert float(reward) == pytest.approx(expected, abs=1e-6)
+    assert any(-1.0 < p < 0.0 for p in penalties)  # the test exercises the linear part
+    for i, generation in enumerate(recorded):  # sampling log-probs at T, not at 1
+        n = len(generation.token_ids)
+        by_hand = logprobs_by_hand(state.policy, generation, T_PHASES)
+        torch.testing.assert_close(
+            samples.batch.old_logprobs[i, :n].double(), by_hand, atol=1e-4, rtol=0
+        )
+        assert (logprobs_by_hand(state.policy, generation, 1.0) - by_hand).abs().max() > 1e-2
+    assert int(samples.completion_mask.sum()) == sum(len(g.token_ids) for g in recorded)
+
+
+def test_sample_and_score_follows_the_data_parallel_argument(tokenizer):
+    # Rank 1 of 2, written as collectives: the second half of the prompts (group ids 2, 3) with
+    # the rank's own seed; the "other rank" sends 3 rows.
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.0)
+    seeds = []
+
+    def rank_seed(seed):
+        seeds.append(seed)
+        return seed + 1
+
+    def gather_rows(tensor):
+        other = torch.zeros((3, *tensor.shape[1:]), dtype=tensor.dtype)
+        return torch.cat([other, tensor]), [3, int(tensor.shape[0])]
+
+    parallel = rp.create_single_process_parallel()._replace(
+        shard_prompts=lambda prompts: (list(prompts)[2:], 2), rank_seed=rank_seed,
+        gather_rows=gather_rows,
+    )
+    samples = rp.sample_and_score(state, PROMPTS, GEN_T, config, VARIED, data_parallel=parallel)
+    alone = rp.sample_and_score(state, PROMPTS[2:], GEN_T._replace(seed=GEN_T.seed + 1), config,
+                                VARIED)
+    assert seeds == [GEN_T.seed] and samples.row_counts == [3, 8]
+    assert [r.group_id for r in samples.rollouts] == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert [r.generation.token_ids for r in samples.rollouts] == [
+        r.generation.token_ids for r in alone.rollouts
+    ]
+    assert samples.rewards.shape == (11,) and torch.equal(samples.rewards[3:], alone.rewards)
+
+
+def test_reference_and_kl_pins_reference_logprobs_and_the_kl_at_the_sampling_temperature(
+    tokenizer,
+):
+    state, config = phase_state(tokenizer, "grpo", kl_coef=0.05, kl_estimator="k3")
+    recorded = []
+    samples = rp.sample_and_score(
+        state, PROMPTS[:2], GEN_T, config, VARIED, recording_generator(recorded)
+    )
+    reference = rp.reference_and_kl(state, samples, config, T_PHASES)
+    assert isinstance(samples, rp.SampleResult) and isinstance(reference, rp.ReferenceResult)
+    rows = []
+    for i, generation in enumerate(recorded):
+        n = len(generation.token_ids)
+        ref = logprobs_by_hand(state.ref_model, generation, T_PHASES)
+        torch.testing.assert_close(
+            reference.batch.ref_logprobs[i, :n].double(), ref, atol=1e-4, rtol=0
+        )
+        assert (reference.batch.ref_logprobs[i, n:] == 0).all()
+        k3 = k3_by_hand(state.policy, state.ref_model, generation, T_PHASES)
+        torch.testing.assert_close(reference.kl[i, :n].double(), k3, atol=2e-5, rtol=1e-4)
+        # The test can tell the directions apart: KL(π_ref ‖ π)'s k3 is off by ≈ d³/3.
+        swapped = k3_by_hand(state.ref_model, state.policy, generation, T_PHASES)
+        assert (swapped - k3).abs().max() > 1e-3
+        rows.append(k3)
+    total = float(sum(k.sum() for k in rows))
+    assert reference.kl_mean == pytest.approx(total / sum(len(k) for k in rows), rel=1e-4)
+    assert reference.kl_sequence_mean == pytest.approx(total / len(rows), rel=1e-4)
+    assert reference.batch.old_logprobs is None  # on-policy: π_old is the detached current
+    assert torch.equal(reference.global_kl, reference.kl)
+
+
+def test_reference_and_kl_keeps_sampling_logprobs_as_old_when_off_policy(tokenizer):
+    state, config = phase_state(tokenizer, "grpo", kl_coef=0.0, num_epochs=2)
+    samples = rp.sample_and_score(state, PROMPTS[:2], GEN_T, config, VARIED)
+    reference = rp.reference_and_kl(state, samples, config, T_PHASES)
+    assert reference.kl is None and math.isnan(reference.kl_mean)  # β = 0: no reference run
+    assert torch.equal(reference.batch.old_logprobs, samples.batch.old_logprobs)
+
+
+def gae_by_hand(rewards, values, gamma, lam):
+    """``A_t = δ_t + γλ·A_{t+1}``, ``δ_t = r_t + γ·V_{t+1} − V_t`` over one row of valid tokens."""
+    advantages, next_value, next_advantage = [0.0] * len(rewards), 0.0, 0.0
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_value - values[t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[t], next_value = next_advantage, values[t]
+    return advantages
+
+
+def test_values_and_advantages_put_the_policy_to_reference_kl_in_ppo_rewards(tokenizer):
+    # PPO with the KL in the reward: r_t = −β·kl_t + [t = last]·R, kl = k1 = log π − log π_ref
+    # at T; GAE with γ = 0.9, λ = 0.8; no whitening, so the numbers are the GAE's own.
+    beta, gamma, lam = 0.3, 0.9, 0.8
+    state, config = phase_state(
+        tokenizer, "ppo", kl_coef=beta, gamma=gamma, gae_lambda=lam, whiten_advantages=False
+    )
+    assert config.kl_in_reward and config.kl_estimator == "k1"
+    recorded = []
+    samples = rp.sample_and_score(
+        state, PROMPTS[:2], GEN_T, config, VARIED, recording_generator(recorded)
+    )
+    reference = rp.reference_and_kl(state, samples, config, T_PHASES)
+    result = rp.values_and_advantages(state, samples, reference, config, 4)
+    assert isinstance(result, rp.AdvantageResult)
+    batch = result.batch
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    values = rp.get_values(state.value_model, input_ids, batch.attention_mask,
+                           batch.completion_ids.shape[1], batch.completion_mask)
+    torch.testing.assert_close(batch.values, values)
+    for i, generation in enumerate(recorded):
+        n = len(generation.token_ids)
+        kl = logprobs_by_hand(state.policy, generation, T_PHASES) - logprobs_by_hand(
+            state.ref_model, generation, T_PHASES
+        )
+        rewards = (-beta * kl).tolist()
+        rewards[-1] += float(samples.rewards[i])
+        row_values = batch.values[i, :n].double().tolist()
+        expected = gae_by_hand(rewards, row_values, gamma, lam)
+        torch.testing.assert_close(
+            batch.advantages[i, :n].double(), torch.tensor(expected, dtype=torch.float64),
+            atol=1e-4, rtol=0,
+        )
+        torch.testing.assert_close(
+            batch.returns[i, :n].double(),
+            torch.tensor(expected, dtype=torch.float64) + batch.values[i, :n].double(),
+            atol=1e-4, rtol=0,
+        )
+        assert (batch.advantages[i, n:] == 0).all()
+        # With the KL reversed the first token's advantage moves by ≥ 2β·|kl| ≫ the tolerance.
+        assert 2 * beta * float(kl.abs().max()) > 1e-2
+
+
+def test_values_and_advantages_group_relative_by_hand(tokenizer):
+    state, config = phase_state(tokenizer, "grpo", kl_coef=0.0)
+    samples = rp.sample_and_score(state, PROMPTS[:2], GEN_T, config, VARIED)
+    reference = rp.reference_and_kl(state, samples, config, T_PHASES)
+    result = rp.values_and_advantages(state, samples, reference, config, 4)
+    rewards = samples.rewards.double().tolist()
+    for g in range(2):
+        group = rewards[4 * g : 4 * g + 4]
+        mean = sum(group) / 4
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / 3)  # unbiased
+        for j, r in enumerate(group):
+            assert float(result.batch.advantages[4 * g + j]) == pytest.approx(
+                (r - mean) / (std + 1e-4), abs=1e-5
+            )
+    assert result.batch.values is None and result.batch.returns is None
+
+
+def ratio_recording_loss(name, seen):
+    """The registry's loss, recording ``max |log π_θ − log π_old|`` over the valid tokens."""
+    loss_fn = rp.get_algorithm(name).loss_fn
+
+    def recording(batch, new_logprobs, config, **extras):
+        if batch.old_logprobs is None:
+            seen.append(0.0)  # on-policy: π_old is the detached π_θ
+        else:
+            gap = (new_logprobs.detach() - batch.old_logprobs) * batch.completion_mask
+            seen.append(float(gap.abs().max()))
+        return loss_fn(batch, new_logprobs, config, **extras)
+
+    return recording
+
+
+def test_update_policy_is_epochs_times_minibatches_of_training_step(tokenizer):
+    weights = []
+    for manual in (False, True):
+        state, config = phase_state(tokenizer, "grpo", kl_coef=0.05, num_epochs=2,
+                                    minibatch_size=3)
+        samples = rp.sample_and_score(state, PROMPTS[:2], GEN_T, config, VARIED)
+        reference = rp.reference_and_kl(state, samples, config, T_PHASES)
+        batch = rp.values_and_advantages(state, samples, reference, config, 4).batch
+        if manual:  # the same updates, by hand: shuffled minibatches seeded by step·1009 + epoch
+            for epoch in range(2):
+                seed = state.step * 1009 + epoch
+                for minibatch in rp.split_minibatches(batch, 3, shuffle_seed=seed):
+                    state, _ = rp.training_step(state, minibatch, config, temperature=T_PHASES)
+        else:
+            update = rp.update_policy(state, batch, config, samples.row_counts,
+                                      temperature=T_PHASES)
+            state = update.state
+            assert isinstance(update, rp.UpdateResult)
+            assert len(update.step_stats) == 2 * 3 and state.step == 6  # 8 rows: 3 + 3 + 2
+        weights.append(params_of(state.policy))
+    assert same_params(*weights)
+
+
+def test_a_later_ppo_epoch_sees_a_ratio_away_from_one(tokenizer):
+    state, config = phase_state(tokenizer, "ppo", kl_coef=0.1, num_epochs=3)
+    seen = []
+    state, stats = rp.training_iteration(
+        state, PROMPTS[:2], GEN_T, config, VARIED, loss_fn=ratio_recording_loss("ppo", seen)
+    )
+    # Epoch 1 starts at the sampling policy (ratio 1 up to the generator's float error); the
+    # epochs after it see the updated policy against the sampling log-probs.
+    assert len(seen) == 3 and seen[0] < 1e-4
+    assert seen[1] > 1e-3 and seen[2] > seen[1]
+    assert stats.approx_kl > 0
+
+
+def test_refresh_reference_moves_beta_and_the_reference_by_hand(tokenizer):
+    state, _ = phase_state(tokenizer, "grpo", kl_coef=0.1)
+    state = state._replace(step=4)
+    policy, ref = params_of(state.policy), params_of(state.ref_model)
+    controller = rp.create_adaptive_kl_controller(0.1, target=0.5, horizon=100)
+    new = rp.refresh_reference(
+        state, rp.create_ema_updater(0.25), controller, observed_kl=0.55, num_sequences=8
+    )
+    # e = 0.55 / 0.5 − 1 = 0.1, inside the ±0.2 clip: β = 0.1 · (1 + 0.1 · 8 / 100)
+    assert new.kl_coef == pytest.approx(0.1 * (1 + 0.1 * 8 / 100), rel=1e-12)
+    for r, p, now in zip(ref, policy, new.ref_model.parameters(), strict=True):
+        torch.testing.assert_close(now.detach(), 0.25 * r + 0.75 * p)
+    unchanged = rp.refresh_reference(state, None, controller, observed_kl=float("nan"))
+    assert unchanged.kl_coef == state.kl_coef
+
+
+def test_training_iteration_feeds_the_controller_the_per_sequence_kl_at_temperature(tokenizer):
+    seen = []
+
+    def recording_controller(coef, observed_kl, n_steps):
+        seen.append((coef, observed_kl, n_steps))
+        return coef
+
+    state, config = phase_state(tokenizer, "grpo", kl_coef=0.05, kl_estimator="k3")
+    recorded = []
+    _, stats = rp.training_iteration(
+        state, PROMPTS[:2], GEN_T, config, VARIED, recording_generator(recorded),
+        kl_controller=recording_controller,
+    )
+    rows = [k3_by_hand(tiny_model("qwen2", seed=0), state.ref_model, g, T_PHASES)
+            for g in recorded]  # π before the update: the sampling policy
+    total = float(sum(k.sum() for k in rows))
+    per_sequence, per_token = total / len(rows), total / sum(len(k) for k in rows)
+    assert len(seen) == 1 and seen[0][0] == 0.05 and seen[0][2] == 8
+    assert seen[0][1] == pytest.approx(per_sequence, rel=1e-4)
+    assert stats.kl == pytest.approx(per_token, rel=1e-4)
+    assert stats.extra["kl_sequence"] == pytest.approx(per_sequence, rel=1e-4)
+    # The real controller, away from its cap: a target 5% under the observed KL gives
+    # e = 0.05, β = 0.05 · (1 + 0.05 · 8 / 100). The per-token mean (≈ 1/length of it)
+    # would give the capped e = −0.2 instead.
+    assert per_token < 0.8 * per_sequence / 1.05
+    state, config = phase_state(tokenizer, "grpo", kl_coef=0.05, kl_estimator="k3")
+    controller = rp.create_adaptive_kl_controller(0.05, target=per_sequence / 1.05, horizon=100)
+    state, _ = rp.training_iteration(
+        state, PROMPTS[:2], GEN_T, config, VARIED, kl_controller=controller
+    )
+    assert state.kl_coef == pytest.approx(0.05 * (1 + 0.05 * 8 / 100), rel=1e-5)
+
+
+def test_training_iteration_puts_the_reverse_kl_at_temperature_into_ppo_rewards(tokenizer):
+    seen = []
+
+    def recording_advantages(rewards, config, **extras):
+        seen.append(extras["kl"].clone())
+        return rp.get_algorithm("ppo").advantage_fn(rewards, config, **extras)
+
+    state, config = phase_state(tokenizer, "ppo", kl_coef=0.3)
+    recorded = []
+    rp.training_iteration(
+        state, PROMPTS[:2], GEN_T, config, VARIED, recording_generator(recorded),
+        advantage_fn=recording_advantages,
+    )
+    policy = tiny_model("qwen2", seed=0)  # the sampling policy (the state's was updated)
+    for i, generation in enumerate(recorded):
+        n = len(generation.token_ids)
+        k1 = logprobs_by_hand(policy, generation, T_PHASES) - logprobs_by_hand(
+            state.ref_model, generation, T_PHASES
+        )
+        torch.testing.assert_close(seen[0][i, :n].double(), k1, atol=1e-4, rtol=0)
+        assert k1.abs().max() > 1e-2  # a swapped sign could not pass
+
+
+# ---------------------------------------------------------------- write your own iteration
+
+
+def examples_block(title):
+    """The python block of EXAMPLES.md's section ``title``."""
+    text = (Path(__file__).parent.parent / "EXAMPLES.md").read_text(encoding="utf-8")
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_write_your_own_iteration_gives_training_iterations_weights(tokenizer):
+    namespace = {"rp": rp, "tiny_model": tiny_model, "tokenizer": tokenizer}
+    exec(examples_block("Write your own iteration"), namespace)  # its own check runs too
+    my_iteration = namespace["my_iteration"]
+    for seed, temperature in ((5, 0.6), (6, 1.4)):
+        gen = GEN._replace(seed=seed, temperature=temperature)
+        config = rp.create_algorithm_config("grpo", kl_coef=0.1, num_epochs=2, minibatch_size=4)
+        ema = rp.create_ema_updater(0.5)
+        mine, theirs = (phase_state(tokenizer, "grpo")[0] for _ in range(2))
+        for iteration in range(2):
+            mine, kl, _ = my_iteration(mine, PROMPTS, gen._replace(seed=seed + iteration),
+                                       config, VARIED, ema)
+            theirs, stats = rp.training_iteration(
+                theirs, PROMPTS, gen._replace(seed=seed + iteration), config, VARIED,
+                ref_model_update_fn=ema,
+            )
+            assert kl == stats.kl and math.isfinite(kl)
+        assert mine.step == theirs.step == 16  # 16 rows, minibatches of 4, 2 epochs, twice
+        assert same_params(params_of(mine.policy), params_of(theirs.policy))
+        assert same_params(params_of(mine.ref_model), params_of(theirs.ref_model))
