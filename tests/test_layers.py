@@ -23,14 +23,10 @@ LAYERS = {
     "rollouts": 3, "batching": 3, "data": 3, "vllm_engine": 3,
     "training": 4, "checkpoint": 4, "logging": 4, "distributed": 4, "serialization": 4,
     "remote": 4,
-    "tasks": 5, "demo": 5,
+    "tasks": 5, "demo": 5, "quick_start": 5,
     "__init__": 6,
 }
 
-# The one import against the flow left while issue 19 is split in two: quick_start_training's
-# bundled default task (rlprim.tasks.arithmetic) is imported inside training.py. Part A moves it
-# out; delete this pair then (the test fails until you do, so it cannot go stale).
-KNOWN_VIOLATIONS = [("training", "tasks")]
 
 
 def module_of(path: pathlib.Path) -> str:
@@ -92,9 +88,7 @@ def test_no_module_imports_from_a_layer_above():
             f"{where}: {importer} ({LAYER_NAMES[LAYERS[importer]]}) imports {imported} "
             f"({LAYER_NAMES[LAYERS[imported]]})"
         )
-    assert sorted({(importer, imported) for _, importer, imported in violations}) == (
-        KNOWN_VIOLATIONS
-    )
+    assert violations == []
 
 
 def test_layer_table_matches_architecture_md():
