@@ -180,10 +180,11 @@ def excerpt_mismatch(block_source: str, file_source: str) -> str | None:
 
 def files_run_by_tests() -> set[str]:
     """Paths (from the root) of files some test executes: every example script (tests/
-    test_examples.py checks it runs them all) and the test files themselves."""
+    test_examples.py checks it runs them all), the test files themselves and the library."""
     return {
         *(f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py")),
         *(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")),
+        *(p.relative_to(ROOT).as_posix() for p in (ROOT / "rlprim").rglob("*.py")),
     }
 
 
