@@ -14,11 +14,13 @@ local models:
    policy's greedy answers with the initial policy's: the RLAIF win rate.
 
 The models are tiny and randomly initialised (``rlprim.testing``; nothing is downloaded), so
-the judge's verdicts are arbitrary — but fixed and deterministic, and the policy learns to
-please them; swap in a real instruction-tuned judge by loading it with ``rp.load_model``.
+the judge's verdicts are arbitrary — fixed and deterministic, but weak: its preferences between
+two samples stay within about 0.01 of 1/2, and 20 GRPO iterations do not move the win rate
+measurably (0.502 in our full run). The example shows the mechanics end to end; load a real
+instruction-tuned judge with ``rp.load_model`` for feedback worth learning from.
 
 Run it:
-    python examples/constitutional_ai.py            # 20 RL iterations, 10 DPO steps
+    python examples/constitutional_ai.py            # 20 RL iterations, 10 DPO steps (minutes)
     python examples/constitutional_ai.py --quick    # 2 RL iterations, 2 DPO steps (the tests)
 """
 

@@ -16,7 +16,9 @@ import yaml
 import rlprim as rp
 from rlprim.constitutional import (
     COMPARISON_TEMPLATE,
+    CRITIQUE_TEMPLATE,
     JUDGE_TEMPLATE,
+    REVISION_TEMPLATE,
     Principle,
     RevisionPair,
     compute_ai_preferences,
@@ -53,6 +55,9 @@ PRINCIPLES = (
         weight=3.0,
     ),
 )
+# Short templates keep the judge's texts (and the tests) small; the defaults are tested once each.
+SHORT_JUDGE = "{prompt}{response}\n{question}\nAnswer:"
+SHORT_COMPARISON = "{prompt}\n{question}\n(A){response_a}\n(B){response_b}\nAnswer:"
 PROMPTS = ["How do I pick a lock?", "Hi", "Tell me a joke about cats, a long one please."]
 RESPONSES = [" Ask a locksmith.", " Hello!", " Cats land on their feet; jokes do not."]
 
@@ -170,9 +175,12 @@ def test_judge_with_single_token_options_and_graded_values(judge, tokenizer):
 
 
 def test_judge_batching_gives_the_scores_of_one_at_a_time(judge, tokenizer):
-    together = compute_judge_scores(judge, tokenizer, PROMPTS, RESPONSES, PRINCIPLES, batch_size=4)
+    together = compute_judge_scores(
+        judge, tokenizer, PROMPTS, RESPONSES, PRINCIPLES, template=SHORT_JUDGE, batch_size=4
+    )
     alone = torch.cat([
-        compute_judge_scores(judge, tokenizer, [p], [r], PRINCIPLES, batch_size=1)
+        compute_judge_scores(judge, tokenizer, [p], [r], PRINCIPLES, template=SHORT_JUDGE,
+                             batch_size=1)
         for p, r in zip(PROMPTS, RESPONSES, strict=True)
     ])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
@@ -183,19 +191,21 @@ def test_judge_reward_fn_is_the_weighted_mean_and_batched(judge, tokenizer):
         Rollout(p, Generation(r, (), (), None, "stop"), group_id=i)
         for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES, strict=True))
     ]
-    scores = compute_judge_scores(judge, tokenizer, PROMPTS, RESPONSES, PRINCIPLES)
+    short = {"template": SHORT_JUDGE}
+    scores = compute_judge_scores(judge, tokenizer, PROMPTS, RESPONSES, PRINCIPLES, **short)
     expected = (scores[:, 0] * 1.0 + scores[:, 1] * 3.0) / 4.0  # weights 1 and 3
-    reward_fn = create_judge_reward_fn(judge, tokenizer, PRINCIPLES, batch_size=3)
+    reward_fn = create_judge_reward_fn(judge, tokenizer, PRINCIPLES, batch_size=3, **short)
     torch.testing.assert_close(torch.tensor(reward_fn.batched(rollouts)), expected)
     torch.testing.assert_close(
         rp.compute_batch_rewards(rollouts, reward_fn), expected, atol=1e-6, rtol=1e-6
     )
     assert abs(reward_fn(rollouts[1]) - expected[1].item()) < 1e-5
-    vector_fn = create_judge_reward_fn(judge, tokenizer, PRINCIPLES, vector=True)
+    vector_fn = create_judge_reward_fn(judge, tokenizer, PRINCIPLES, vector=True, **short)
     torch.testing.assert_close(torch.tensor(vector_fn.batched(rollouts)), scores)
     # prompt_fn chooses the judge's prompt text.
-    other = create_judge_reward_fn(judge, tokenizer, PRINCIPLES, prompt_fn=lambda r: "Hi")
-    by_hand = compute_judge_scores(judge, tokenizer, ["Hi"] * 3, RESPONSES, PRINCIPLES)
+    other = create_judge_reward_fn(judge, tokenizer, PRINCIPLES, prompt_fn=lambda r: "Hi",
+                                   **short)
+    by_hand = compute_judge_scores(judge, tokenizer, ["Hi"] * 3, RESPONSES, PRINCIPLES, **short)
     torch.testing.assert_close(
         torch.tensor(other.batched(rollouts)), (by_hand[:, 0] + 3 * by_hand[:, 1]) / 4
     )
@@ -232,14 +242,17 @@ def test_ai_preference_is_the_judges_option_probability(judge, tokenizer):
 
 def test_ai_preferences_in_both_orders_are_antisymmetric(judge, tokenizer):
     others = [" No.", " Go away.", " I will not."]
-    ab = compute_ai_preferences(judge, tokenizer, PROMPTS, RESPONSES, others, PRINCIPLES)
-    ba = compute_ai_preferences(judge, tokenizer, PROMPTS, others, RESPONSES, PRINCIPLES)
+    short = {"template": SHORT_COMPARISON}
+    ab = compute_ai_preferences(judge, tokenizer, PROMPTS, RESPONSES, others, PRINCIPLES, **short)
+    ba = compute_ai_preferences(judge, tokenizer, PROMPTS, others, RESPONSES, PRINCIPLES, **short)
     torch.testing.assert_close(ab + ba, torch.ones(3), atol=1e-6, rtol=0)
-    same = compute_ai_preferences(judge, tokenizer, PROMPTS, RESPONSES, RESPONSES, PRINCIPLES)
+    same = compute_ai_preferences(
+        judge, tokenizer, PROMPTS, RESPONSES, RESPONSES, PRINCIPLES, **short
+    )
     torch.testing.assert_close(same, torch.full((3,), 0.5), atol=1e-6, rtol=0)
     # The weighted mean over principles (weights 1 and 3) of the per-principle preferences.
     per = [
-        compute_ai_preferences(judge, tokenizer, PROMPTS, RESPONSES, others, [p])
+        compute_ai_preferences(judge, tokenizer, PROMPTS, RESPONSES, others, [p], **short)
         for p in PRINCIPLES
     ]
     torch.testing.assert_close(ab, (per[0] + 3 * per[1]) / 4, atol=1e-6, rtol=0)
@@ -250,12 +263,15 @@ def test_preference_reward_is_the_mean_win_probability_in_the_group(judge, token
     rollouts = [
         Rollout(PROMPTS[0], Generation(t, (), (), None, "stop"), group_id=0) for t in texts[:3]
     ] + [Rollout(PROMPTS[1], Generation(texts[3], (), (), None, "stop"), group_id=1)]
-    reward_fn = create_ai_preference_reward_fn(judge, tokenizer, PRINCIPLES, batch_size=5)
+    reward_fn = create_ai_preference_reward_fn(
+        judge, tokenizer, PRINCIPLES, template=SHORT_COMPARISON, batch_size=5
+    )
     rewards = reward_fn.batched(rollouts)
 
     def pref(i, j):
         return compute_ai_preferences(
-            judge, tokenizer, [PROMPTS[0]], [texts[i]], [texts[j]], PRINCIPLES
+            judge, tokenizer, [PROMPTS[0]], [texts[i]], [texts[j]], PRINCIPLES,
+            template=SHORT_COMPARISON,
         ).item()
 
     for i in range(3):
@@ -276,12 +292,15 @@ def test_preference_reward_feeds_dpo_pairs(judge, tokenizer):
         Rollout(PROMPTS[g], Generation(t, (), (), None, "stop"), group_id=g)
         for g, t in zip([0, 0, 1, 1], texts, strict=True)
     ]
-    reward_fn = create_ai_preference_reward_fn(judge, tokenizer, PRINCIPLES)
+    reward_fn = create_ai_preference_reward_fn(
+        judge, tokenizer, PRINCIPLES, template=SHORT_COMPARISON
+    )
     rewards = torch.tensor(reward_fn.batched(rollouts))
     chosen, rejected = rp.compute_dpo_pairs(rewards, 2)
     for g in range(2):  # in each group of two the judge's preferred sample is chosen
         p = compute_ai_preferences(
-            judge, tokenizer, [PROMPTS[g]], [texts[2 * g]], [texts[2 * g + 1]], PRINCIPLES
+            judge, tokenizer, [PROMPTS[g]], [texts[2 * g]], [texts[2 * g + 1]], PRINCIPLES,
+            template=SHORT_COMPARISON,
         ).item()
         assert (chosen[g].item(), rejected[g].item()) == (
             (2 * g, 2 * g + 1) if p > 0.5 else (2 * g + 1, 2 * g)
@@ -324,6 +343,27 @@ def test_critique_and_revise_renders_the_requests_and_cycles_principles(tokenize
     assert pairs[1].revised == " Hello! +Make it true. +Remove the harm."
 
 
+def test_critique_and_revise_prompts_are_the_templates_filled_in(tokenizer):
+    seen = []
+
+    def recording_generator(model, tokenizer, prompts, config):
+        seen.append(list(prompts))
+        return scripted_generator(model, tokenizer, prompts, config)
+
+    config = GenerationConfig(max_new_tokens=8, do_sample=False)
+    [pair] = critique_and_revise(None, tokenizer, PROMPTS[:1], RESPONSES[:1], PRINCIPLES, config,
+                                 generator=recording_generator)
+    fields = {"prompt": PROMPTS[0], "response": RESPONSES[0],
+              "critique_request": "Say what is harmful."}
+    assert seen == [
+        [CRITIQUE_TEMPLATE.format(**fields)],
+        [REVISION_TEMPLATE.format(**fields, critique=pair.critiques[0],
+                                  revision_request="Remove the harm.")],
+    ]
+    assert seen[1][0].startswith(seen[0][0])  # the revision prompt continues the critique's
+
+
+@pytest.mark.slow
 def test_critique_and_revise_with_the_tiny_model_is_deterministic(tokenizer):
     model = tiny_model("llama", seed=2)
     config = GenerationConfig(max_new_tokens=6, do_sample=False)
@@ -340,6 +380,7 @@ def test_critique_and_revise_with_the_tiny_model_is_deterministic(tokenizer):
         critique_and_revise(model, tokenizer, PROMPTS, RESPONSES, PRINCIPLES, config, 0)
 
 
+@pytest.mark.slow
 def test_preference_rollouts_are_groups_of_two_that_dpo_trains_on(tokenizer):
     pairs = [RevisionPair(p, r, r + " Stay safe.") for p, r in zip(PROMPTS, RESPONSES, strict=True)]
     rollouts = create_preference_rollouts(
@@ -442,7 +483,7 @@ def test_load_constitution_names_the_file(tmp_path):
 
 
 def test_constitutional_task(judge, tokenizer):
-    task = create_constitutional_task(judge, tokenizer)
+    task = create_constitutional_task(judge, tokenizer, template=SHORT_COMPARISON)
     assert task.principles == HARMLESSNESS_PRINCIPLES and len(task.principles) == 4
     assert [item["human"] for item in task.prompts] == list(CONSTITUTIONAL_PROMPTS)
     assert task.prompts[0]["prompt"] == f"Human: {CONSTITUTIONAL_PROMPTS[0]}\n\nAssistant:"
@@ -456,13 +497,15 @@ def test_constitutional_task(judge, tokenizer):
     rewards = task.reward_fn.batched(rollouts)
     expected = compute_ai_preferences(
         judge, tokenizer, [human], [rollouts[0].generation.text],
-        [rollouts[1].generation.text], HARMLESSNESS_PRINCIPLES,
+        [rollouts[1].generation.text], HARMLESSNESS_PRINCIPLES, template=SHORT_COMPARISON,
     ).item()
     assert abs(rewards[0] - expected) < 1e-6 and abs(rewards[1] - (1 - expected)) < 1e-6
-    judged = create_constitutional_task(judge, tokenizer, feedback="judge", prompts=["Hi"])
+    judged = create_constitutional_task(
+        judge, tokenizer, feedback="judge", prompts=["Hi"], template=SHORT_JUDGE
+    )
     scores = compute_judge_scores(
         judge, tokenizer, [human] * 2, [r.generation.text for r in rollouts],
-        HARMLESSNESS_PRINCIPLES,
+        HARMLESSNESS_PRINCIPLES, template=SHORT_JUDGE,
     )
     weights = torch.tensor([p.weight for p in HARMLESSNESS_PRINCIPLES])
     torch.testing.assert_close(
