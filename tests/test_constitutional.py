@@ -120,6 +120,22 @@ def test_multi_token_options_sum_their_token_logprobs(judge, tokenizer, batch_si
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_option_probabilities_by_hand_with_a_judge_whose_logits_are_zero(tokenizer):
+    # A zero final-norm weight makes every hidden state, hence every logit, 0: each token has
+    # probability 1/V (V = 512), so an option of n tokens has likelihood V^-n.
+    flat = tiny_model("qwen2", seed=3)
+    with torch.no_grad():
+        flat.model.norm.weight.zero_()
+    single = compute_option_probabilities(flat, tokenizer, ["x", "a longer text"], ["A", "B"])
+    assert single.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    # "A" is one token, " A" two (228, 40): P = [V, 1] / (V + 1).
+    mixed = compute_option_probabilities(flat, tokenizer, ["x"], ["A", " A"])
+    torch.testing.assert_close(mixed, torch.tensor([[512 / 513, 1 / 513]]), atol=1e-6, rtol=0)
+    values = compute_judge_scores(flat, tokenizer, ["q"], ["r"], PRINCIPLES, options=["1", "2"],
+                                  option_values=[1.0, 2.0], template=SHORT_JUDGE)
+    assert values.tolist() == [[1.5, 1.5]]  # the expected rating under a uniform answer
+
+
 def test_option_probabilities_keep_the_mode_and_check_inputs(judge, tokenizer):
     judge.train()
     try:
