@@ -8,6 +8,7 @@ from rlprim import advantages as _advantages
 from rlprim import algorithms as _algorithms
 from rlprim import batching as _batching
 from rlprim import checkpoint as _checkpoint
+from rlprim import constitutional as _constitutional
 from rlprim import critic as _critic
 from rlprim import data as _data
 from rlprim import distributed as _distributed
@@ -31,6 +32,7 @@ from rlprim.advantages import *  # noqa: F401,F403
 from rlprim.algorithms import *  # noqa: F401,F403
 from rlprim.batching import *  # noqa: F401,F403
 from rlprim.checkpoint import *  # noqa: F401,F403
+from rlprim.constitutional import *  # noqa: F401,F403
 from rlprim.critic import *  # noqa: F401,F403
 from rlprim.data import *  # noqa: F401,F403
 from rlprim.distributed import *  # noqa: F401,F403
@@ -67,6 +69,7 @@ __all__ = [
     *_tools.__all__,
     *_rollouts.__all__,
     *_batching.__all__,
+    *_constitutional.__all__,
     *_checkpoint.__all__,
     *_training.__all__,
     *_quick_start.__all__,

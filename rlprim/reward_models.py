@@ -1,13 +1,16 @@
-"""Learned reward models: Hugging Face sequence-classification models that score a completion.
+"""Learned reward models: modules that score a completion (Hugging Face or plain ``nn.Module``).
 
 A reward model ``r_φ(x, y)`` maps a prompt ``x`` and a completion ``y`` to a scalar, read from
 a classification head at the sequence's last token — the Bradley–Terry reward model of RLHF
 (Ouyang et al. 2022, "Training language models to follow instructions with human feedback";
-Stiennon et al. 2020). rlprim does not train reward models; it loads and applies them:
+Stiennon et al. 2020). rlprim does not train reward models; it loads and applies them. A
+reward model is a Hugging Face sequence-classification model, or any ``nn.Module`` with
+``forward(input_ids, attention_mask) -> [B]`` (or ``[B, K]`` for vector rewards):
 
 * ``load_reward_model`` — an ``AutoModelForSequenceClassification`` (a local path, bundled
   name or hub name), like ``rlprim.inference.load_model``.
-* ``compute_reward_model_score`` — batched scores ``[B]`` for prompt/completion pairs.
+* ``compute_reward_model_score`` — batched scores ``[B]`` (or ``[B, K]``) for
+  prompt/completion pairs.
 * ``create_reward_model_fn`` — a ``reward_fn(rollout) -> float`` (the ``RewardFn`` protocol)
   carrying ``reward_fn.batched(rollouts)``, so ``compute_batch_rewards`` scores a whole batch in
   batched forward passes.
@@ -31,6 +34,7 @@ from rlprim.inference import (
     _from_pretrained_kwargs,
     resolve_model_path,
 )
+from rlprim.inference import _pad_id as _tokenizer_pad_id
 from rlprim.types import ModelConfig, Rollout
 
 __all__ = [
@@ -107,6 +111,65 @@ def _pad_id(model: Any) -> int | None:
     return getattr(text_config, "pad_token_id", None)
 
 
+def _is_hf_model(model: Any) -> bool:
+    """A Hugging Face model (possibly peft-wrapped) carries a ``PretrainedConfig``."""
+    from transformers import PretrainedConfig
+
+    return isinstance(getattr(model, "config", None), PretrainedConfig)
+
+
+def _model_device(model: Any) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _reward_columns(output: Any, rows: int, hf: bool, label_index: int | None) -> torch.Tensor:
+    """``[rows]`` or ``[rows, K]`` rewards from a reward model's forward output."""
+    if hf:
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
+            raise ValueError(
+                f"a Hugging Face reward model must return .logits of shape [B, L] = [{rows}, L] "
+                f"(a sequence-classification head), got {type(output).__name__} with logits "
+                f"of shape {shape}"
+            )
+        if label_index is None:
+            if logits.shape[-1] != 1:
+                raise ValueError(
+                    f"the reward model has {logits.shape[-1]} outputs; pass label_index "
+                    "to choose the reward column"
+                )
+            return logits[:, 0]
+    else:
+        logits = output
+        if (
+            not isinstance(logits, torch.Tensor)
+            or logits.dim() not in (1, 2)
+            or logits.shape[0] != rows
+        ):
+            got = (
+                f"a tensor of shape {tuple(logits.shape)}"
+                if isinstance(logits, torch.Tensor)
+                else type(output).__name__
+            )
+            raise ValueError(
+                "a reward model module must return a tensor of shape [B] (one reward per row) "
+                f"or [B, K] (K reward components) for its [B, T] input_ids with B = {rows}, got "
+                f"{got}; a Hugging Face model must have a PretrainedConfig as .config and "
+                "return .logits"
+            )
+        if label_index is None:
+            return logits
+    if logits.dim() != 2 or not -logits.shape[-1] <= label_index < logits.shape[-1]:
+        width = logits.shape[-1] if logits.dim() == 2 else 1
+        raise ValueError(
+            f"label_index must index the model's {width} outputs, got {label_index}"
+        )
+    return logits[:, label_index]
+
+
 def compute_reward_model_score(
     model: Any,
     tokenizer: Any,
@@ -115,19 +178,33 @@ def compute_reward_model_score(
     batch_size: int = 8,
     template_fn: TemplateFn | None = None,
     label_index: int | None = None,
+    padding_side: str | None = None,
 ) -> torch.Tensor:
-    """Score prompt/completion pairs with a sequence-classification reward model, batched.
+    """Score prompt/completion pairs with a reward model, batched.
 
-    ``score_i = head(h_i)[label]`` where ``h_i`` is the final hidden state at the last token of
-    ``text_i = template_fn(prompts[i], completions[i])`` (Ouyang et al. 2022). Texts are sorted
-    by length and run ``batch_size`` at a time, right-padded with ``model.config.pad_token_id``
-    (transformers reads each row at its last token whose id differs from the pad id, and right
-    padding keeps position ids those of the unpadded text), so a batched score equals the
-    score of the text alone. Runs in eval mode under ``torch.inference_mode`` and restores the
-    model's previous mode.
+    ``score_i = r_φ(text_i)`` with ``text_i = template_fn(prompts[i], completions[i])``
+    (Ouyang et al. 2022). Two kinds of reward model are accepted:
+
+    * a Hugging Face sequence-classification model (its ``.config`` is a ``PretrainedConfig``):
+      ``score_i = head(h_i)[label]``, ``h_i`` the final hidden state at the last token; it
+      returns an output with ``.logits [B, L]``.
+    * any other ``nn.Module`` with ``forward(input_ids [B, T], attention_mask [B, T])``
+      returning a tensor ``[B]`` (one reward per row) or ``[B, K]`` (a vector reward of ``K``
+      components, as ``compute_vector_reward`` and the aggregators take) — the reward-model
+      interface of seed 004's Constitutional-AI PPO.
+
+    Texts are sorted by length and run ``batch_size`` at a time. Hugging Face models get
+    right padding with ``model.config.pad_token_id`` (transformers reads each row at its last
+    token whose id differs from the pad id, and right padding keeps position ids those of the
+    unpadded text), so a batched score equals the score of the text alone. Plain modules get
+    left padding with the tokenizer's pad id by default, so column ``-1`` is each row's last
+    real token (a module that reads ``hidden[:, -1]`` is right); they see the mask, and
+    batched scores equal unbatched ones exactly when the module ignores masked positions.
+    Runs in eval mode under ``torch.inference_mode`` and restores the model's previous mode.
 
     Args:
-      model: an ``AutoModelForSequenceClassification``-style model with ``config.pad_token_id``.
+      model: a Hugging Face sequence-classification model with ``config.pad_token_id``, or a
+        module ``forward(input_ids, attention_mask) -> [B] | [B, K]``.
       tokenizer: its tokenizer; texts get its special tokens, without a second BOS when the text
         already starts with the BOS token.
       prompts: ``B`` prompt texts. completions: ``B`` completion texts.
@@ -136,42 +213,72 @@ def compute_reward_model_score(
         ``None`` concatenates ``prompt + completion``. For a chat reward model render both turns,
         e.g. with ``rlprim.inference.apply_chat_template(tokenizer, [{"role": "user", ...},
         {"role": "assistant", ...}], add_generation_prompt=False)``.
-      label_index: which output column is the reward; ``None`` requires a single-output head.
+      label_index: which output column is the reward; ``None`` requires a single-output head
+        (Hugging Face) or keeps all ``K`` columns (a plain module returning ``[B, K]``).
+      padding_side: ``"left"`` or ``"right"``; ``None`` = right for Hugging Face models, left
+        for plain modules.
 
     Returns:
-      ``[B]`` float32 scores on the CPU, in the order of the inputs (``[0]`` for empty inputs).
+      ``[B]`` float32 scores on the CPU, in the order of the inputs (``[0]`` for empty inputs),
+      or ``[B, K]`` for a plain module returning ``K`` columns without ``label_index``.
+    Raises:
+      ValueError: a forward output of another shape, naming the shape expected.
     """
     prompts, completions = _check_texts(prompts, completions)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if label_index is not None and not isinstance(label_index, int):
         raise TypeError(f"label_index must be None or an int, got {type(label_index).__name__}")
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
+    if not callable(model) or not hasattr(model, "parameters"):
+        raise TypeError(
+            "model must be an nn.Module: a Hugging Face sequence-classification model or a "
+            f"module forward(input_ids, attention_mask) -> [B] or [B, K], got "
+            f"{type(model).__name__}"
+        )
     if not prompts:
         return torch.zeros(0, dtype=torch.float32)
     texts = _scored_texts(prompts, completions, template_fn)
     token_ids = _encode_prompts(tokenizer, texts)
     _check_scored_lengths(token_ids, _context_length(model, tokenizer))
-    pad_id = _pad_id(model)
-    if pad_id is None and min(batch_size, len(texts)) > 1:
-        raise ValueError(
-            "model.config.pad_token_id is None, so transformers cannot find each row's last "
-            "token in a batch; set model.config.pad_token_id = tokenizer.pad_token_id (or use "
-            "load_reward_model, or batch_size=1)"
-        )
+    hf = _is_hf_model(model)
+    if hf:
+        pad_id = _pad_id(model)
+        if pad_id is None and min(batch_size, len(texts)) > 1:
+            raise ValueError(
+                "model.config.pad_token_id is None, so transformers cannot find each row's last "
+                "token in a batch; set model.config.pad_token_id = tokenizer.pad_token_id (or "
+                "use load_reward_model, or batch_size=1)"
+            )
+    else:
+        pad_id = _tokenizer_pad_id(tokenizer)
+    left = (padding_side or ("right" if hf else "left")) == "left"
 
-    device = next(model.parameters()).device
+    device = _model_device(model)
     order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]), reverse=True)
-    scores = torch.empty(len(texts), dtype=torch.float32)
+    scores: torch.Tensor | None = None
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                logits = _score_logits(model, [token_ids[i] for i in rows], pad_id, device)
-                scores[torch.tensor(rows)] = _reward_column(logits, label_index).float().cpu()
+                output = _score_batch(
+                    model, [token_ids[i] for i in rows], pad_id, device, left=left, hf=hf
+                )
+                column = _reward_columns(output, len(rows), hf, label_index).float().cpu()
+                if scores is None:
+                    scores = torch.empty((len(texts), *column.shape[1:]), dtype=torch.float32)
+                elif column.shape[1:] != scores.shape[1:]:
+                    raise ValueError(
+                        f"the reward model returned {tuple(column.shape[1:])} columns for one "
+                        f"batch and {tuple(scores.shape[1:])} for another"
+                    )
+                scores[torch.tensor(rows)] = column
     finally:
         model.train(was_training)
+    assert scores is not None
     return scores
 
 
@@ -201,35 +308,30 @@ def _check_scored_lengths(token_ids: list[list[int]], context: int | None) -> No
             )
 
 
-def _score_logits(
-    model: Any, token_ids: list[list[int]], pad_id: int | None, device: torch.device
-) -> torch.Tensor:
-    """``[b, labels]`` head outputs of one batch, right-padded to its longest (first) row."""
+def _score_batch(
+    model: Any,
+    token_ids: list[list[int]],
+    pad_id: int | None,
+    device: torch.device,
+    *,
+    left: bool,
+    hf: bool,
+) -> Any:
+    """The model's output on one batch padded to its longest (first) row, on the left or the
+    right; a Hugging Face model is called with keywords, a plain module positionally."""
     width = len(token_ids[0])
     filler = 0 if pad_id is None else pad_id
-    padded = [ids + [filler] * (width - len(ids)) for ids in token_ids]
-    mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids in token_ids]
-    return model(
-        input_ids=torch.tensor(padded, dtype=torch.long, device=device),
-        attention_mask=torch.tensor(mask, dtype=torch.long, device=device),
-    ).logits
-
-
-def _reward_column(logits: torch.Tensor, label_index: int | None) -> torch.Tensor:
-    """The reward column of ``logits [b, labels]``; the only one when ``label_index`` is None."""
-    if label_index is None:
-        if logits.shape[-1] != 1:
-            raise ValueError(
-                f"the reward model has {logits.shape[-1]} outputs; pass label_index "
-                "to choose the reward column"
-            )
-        return logits[:, 0]
-    if not -logits.shape[-1] <= label_index < logits.shape[-1]:
-        raise ValueError(
-            f"label_index must index the model's {logits.shape[-1]} outputs, "
-            f"got {label_index}"
-        )
-    return logits[:, label_index]
+    padded, mask = [], []
+    for ids in token_ids:
+        fill, ones = [filler] * (width - len(ids)), [1] * len(ids)
+        zeros = [0] * (width - len(ids))
+        padded.append(fill + ids if left else ids + fill)
+        mask.append(zeros + ones if left else ones + zeros)
+    input_ids = torch.tensor(padded, dtype=torch.long, device=device)
+    attention_mask = torch.tensor(mask, dtype=torch.long, device=device)
+    if hf:
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+    return model(input_ids, attention_mask)
 
 
 def create_batch_reward_model_fn(
@@ -238,21 +340,24 @@ def create_batch_reward_model_fn(
     batch_size: int = 8,
     template_fn: TemplateFn | None = None,
     label_index: int | None = None,
-) -> Callable[..., list[float]]:
+    padding_side: str | None = None,
+) -> Callable[..., list[Any]]:
     """A TRL-style batch reward function backed by a reward model.
 
     Returns ``fn(prompts, completions, **kwargs) -> list[float]`` computing
     ``compute_reward_model_score(model, tokenizer, prompts, completions, ...)`` in one batched
-    pass (extra keyword arguments, such as dataset columns, are ignored). Wrap it with the
-    rewards module's TRL adapter to use it as a per-rollout ``reward_fn``.
+    pass (extra keyword arguments, such as dataset columns, are ignored): a float per pair, or a
+    list of ``K`` floats for a module returning ``[B, K]``. Wrap it with the rewards module's
+    TRL adapter to use it as a per-rollout ``reward_fn``.
     """
 
     def reward_model_batch_fn(
         prompts: Sequence[str], completions: Sequence[str], **kwargs: Any
-    ) -> list[float]:
+    ) -> list[Any]:
         del kwargs  # dataset columns a TRL-style caller may pass along
         scores = compute_reward_model_score(
-            model, tokenizer, prompts, completions, batch_size, template_fn, label_index
+            model, tokenizer, prompts, completions, batch_size, template_fn, label_index,
+            padding_side,
         )
         return scores.tolist()
 
@@ -265,15 +370,17 @@ def create_reward_model_fn(
     batch_size: int = 8,
     template_fn: TemplateFn | None = None,
     label_index: int | None = None,
-) -> Callable[[Rollout], float]:
+    padding_side: str | None = None,
+) -> Callable[[Rollout], Any]:
     """A ``reward_fn(rollout) -> float`` scoring ``rollout.prompt`` + ``rollout.generation.text``.
 
     ``reward_fn(rollout)`` runs one forward pass. It also carries
     ``reward_fn.batched(rollouts) -> list[float]`` (built with
     ``rlprim.rewards.create_batched_reward_fn``), which ``compute_batch_rewards`` calls once
     for a whole batch: ``compute_reward_model_score`` over all rollouts, ``batch_size`` rows
-    per forward. Both paths give the same scores (within float32 round-off). Same arguments as
-    ``compute_reward_model_score``.
+    per forward. Both paths give the same scores (within float32 round-off). A plain module
+    returning ``[B, K]`` gives vector rewards (a list of ``K`` floats per rollout). Same
+    arguments as ``compute_reward_model_score``.
     """
     from rlprim.rewards import create_batched_reward_fn
 
@@ -292,6 +399,7 @@ def create_reward_model_fn(
             batch_size,
             template_fn,
             label_index,
+            padding_side,
         )
         return scores.tolist()
 

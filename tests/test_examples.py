@@ -132,6 +132,14 @@ def _check_remote_reward(f: dict[str, str]) -> None:
     assert f["after_stop"] == "ConnectionError"
 
 
+def _check_constitutional_ai(f: dict[str, str]) -> None:
+    assert int(f["principles"]) == 4 and int(f["prompts"]) == 8 and int(f["sl_pairs"]) == 8
+    assert int(f["rl_iterations"]) == 2
+    assert 0.0 < float(f["judge_mean"]) < 1.0 and 0.0 <= float(f["win_rate"]) <= 1.0
+    # DPO on fixed (original, revised) pairs, greedy everywhere: no sampling luck involved.
+    assert float(f["dpo_margin_after"]) > float(f["dpo_margin_before"])
+
+
 EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "basic_grpo_loop": _check_basic_grpo_loop,
     "vector_rewards": _check_vector_rewards,
@@ -146,6 +154,7 @@ EXAMPLES: dict[str, Callable[[dict[str, str]], None]] = {
     "ppo_arithmetic": _check_ppo_arithmetic,
     "distributed_grpo": _check_distributed_grpo,
     "remote_reward": _check_remote_reward,
+    "constitutional_ai": _check_constitutional_ai,
 }
 # Launched with torchrun (real processes, gloo on CPU): name -> processes.
 TORCHRUN_EXAMPLES = {"distributed_grpo": 2}

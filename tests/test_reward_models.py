@@ -15,10 +15,11 @@ from rlprim.reward_models import (
     create_reward_model_fn,
     load_reward_model,
 )
-from rlprim.rewards import compute_batch_rewards
+from rlprim.rewards import compute_batch_rewards, weighted_sum
 from rlprim.testing import (
     TINY_ARCHS,
     save_tiny_model,
+    tiny_model,
     tiny_model_config,
     tiny_reward_model,
     tiny_tokenizer,
@@ -235,3 +236,127 @@ def test_load_reward_model_sets_missing_pad_id():
     assert model.config.pad_token_id == 2  # the eos id
     with pytest.raises(ValueError, match="config.dtype"):
         load_reward_model(ModelConfig("x", dtype="int3"), model_loader=loader)
+
+
+# --------------------------------------------------------------------------- plain modules
+# Reward models of seed 004's shape: an nn.Module with forward(input_ids, attention_mask).
+
+
+class SeedRewardModel(torch.nn.Module):
+    """Seed 004's RewardModel: a causal LM trunk, a head on the last position's hidden state."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.base_model = tiny_model("qwen2", seed=seed)
+        generator = torch.Generator().manual_seed(seed + 10)
+        self.head = torch.nn.Linear(128, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1, 128, generator=generator))
+
+    def forward(self, input_ids, attention_mask):
+        outputs = self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        return self.head(outputs.hidden_states[-1][:, -1, :]).squeeze(-1)
+
+
+class BagOfTokens(torch.nn.Module):
+    """A K-component reward: masked mean of token embeddings, then a linear map ([B, K])."""
+
+    def __init__(self, vocab=512, components=3):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.embedding = torch.nn.Parameter(torch.randn(vocab, components, generator=generator))
+
+    def forward(self, input_ids, attention_mask):
+        weights = attention_mask.float().unsqueeze(-1)
+        return (self.embedding[input_ids] * weights).sum(1) / weights.sum(1)
+
+
+def test_seed_shaped_reward_model_scores_the_last_token(tokenizer):
+    model = SeedRewardModel()
+    texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    expected = []
+    for text in texts:  # one unpadded forward per text, written out
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+            expected.append(float(hidden[-1][0, -1] @ model.head.weight[0] + model.head.bias[0]))
+    for batch_size in (1, 2, 8):  # left padding: column -1 is each row's last real token
+        scores = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, batch_size)
+        assert scores.shape == (len(PROMPTS),)
+        torch.testing.assert_close(scores, torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    # Right padding would make column -1 a pad token for the shorter rows.
+    right = compute_reward_model_score(
+        model, tokenizer, PROMPTS, COMPLETIONS, 8, padding_side="right"
+    )
+    assert not torch.allclose(right, torch.tensor(expected), atol=1e-3)
+
+
+def test_vector_reward_module_gives_k_components(tokenizer):
+    model = BagOfTokens()
+    texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    expected = torch.stack(
+        [model.embedding.detach()[tokenizer(t)["input_ids"]].mean(0) for t in texts]
+    )
+    for batch_size in (1, 3, 8):
+        scores = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, batch_size)
+        assert scores.shape == (len(PROMPTS), 3)
+        torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-6)
+    column = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, label_index=2)
+    torch.testing.assert_close(column, expected[:, 2], atol=1e-6, rtol=1e-6)
+
+    rollouts = [
+        Rollout(p, Generation(c, (), (), None, "stop"), group_id=i)
+        for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS, strict=True))
+    ]
+    reward_fn = create_reward_model_fn(model, tokenizer, batch_size=2)
+    torch.testing.assert_close(torch.tensor(reward_fn.batched(rollouts)), expected)
+    torch.testing.assert_close(torch.tensor(reward_fn(rollouts[1])), expected[1])
+    weights = [1.0, -2.0, 0.5]
+    scored = compute_batch_rewards(rollouts, reward_fn, aggregator=weighted_sum(weights))
+    torch.testing.assert_close(scored, expected @ torch.tensor(weights))
+    batch_fn = create_batch_reward_model_fn(model, tokenizer)
+    torch.testing.assert_close(torch.tensor(batch_fn(PROMPTS, COMPLETIONS)), expected)
+
+
+def test_seed_shaped_reward_model_in_compute_batch_rewards(tokenizer):
+    model = SeedRewardModel(seed=3)
+    rollouts = [
+        Rollout(p, Generation(c, (), (), None, "stop"))
+        for p, c in zip(PROMPTS, COMPLETIONS, strict=True)
+    ]
+    scored = compute_batch_rewards(rollouts, create_reward_model_fn(model, tokenizer, 2))
+    expected = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, 1)
+    torch.testing.assert_close(scored, expected)
+
+
+class Returns(torch.nn.Module):
+    """A module whose forward returns whatever ``make(input_ids)`` builds."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        return self.make(input_ids)
+
+
+@pytest.mark.parametrize(
+    "make, got",
+    [
+        (lambda ids: torch.zeros(ids.shape[0], 2, 1), r"\(2, 2, 1\)"),
+        (lambda ids: torch.zeros(ids.shape[0] + 1), r"\(3,\)"),
+        (lambda ids: {"logits": torch.zeros(ids.shape[0])}, "dict"),
+    ],
+)
+def test_plain_module_of_another_shape_gets_an_error_naming_the_shape(tokenizer, make, got):
+    with pytest.raises(ValueError, match=r"\[B\] \(one reward per row\) or \[B, K\].*" + got):
+        compute_reward_model_score(Returns(make), tokenizer, PROMPTS[:2], COMPLETIONS[:2])
+    with pytest.raises(TypeError, match="nn.Module"):
+        compute_reward_model_score(lambda i, m: i, tokenizer, PROMPTS[:2], COMPLETIONS[:2])
+    with pytest.raises(ValueError, match="padding_side"):
+        compute_reward_model_score(
+            BagOfTokens(), tokenizer, PROMPTS[:2], COMPLETIONS[:2], padding_side="middle"
+        )
