@@ -20,7 +20,7 @@ LAYERS = {
     "advantages": 1, "kl": 1, "losses": 1, "rewards": 1, "algorithms": 1, "checks": 1,
     "logprobs": 2, "inference": 2, "critic": 2, "reward_models": 2, "tools": 2,
     "model_wrappers": 2, "testing": 2,
-    "rollouts": 3, "batching": 3, "data": 3, "vllm_engine": 3,
+    "rollouts": 3, "batching": 3, "data": 3, "vllm_engine": 3, "constitutional": 3,
     "training": 4, "checkpoint": 4, "logging": 4, "distributed": 4, "serialization": 4,
     "remote": 4,
     "tasks": 5, "demo": 5, "quick_start": 5,
