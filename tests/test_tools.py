@@ -736,13 +736,39 @@ def test_python_tool_cannot_write_outside_its_directory(variant):
 def test_python_tool_uid_drop_alone_blocks_writes_to_root_owned_dirs(tmp_path):
     os.chmod(tmp_path, 0o755)  # traversable and readable, writable by root only
     target = tmp_path / "written-by-sandbox"
-    result = python_tool(f"open({str(target)!r}, 'w').write('x')\n", audit_guard=False)
+    with pytest.warns(RuntimeWarning, match="isolation='rlimits'"):
+        result = python_tool(f"open({str(target)!r}, 'w').write('x')\n", audit_guard=False,
+                             isolation="rlimits")
     assert "PermissionError: [Errno 13] Permission denied" in result
     assert not target.exists()
 
 
-def test_python_tool_working_directory_is_removed():
-    result = python_tool("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())\n")
+def test_python_tool_bwrap_alone_hides_the_host_file_system(tmp_path):
+    os.chmod(tmp_path, 0o777)  # writable by anyone: only the mount namespace keeps it out
+    target = tmp_path / "written-by-sandbox"
+    result = python_tool(f"open({str(target)!r}, 'w').write('x')\n", audit_guard=False)
+    assert "FileNotFoundError: [Errno 2] No such file or directory" in result
+    assert not target.exists()
+    result = python_tool("import os\nprint(sorted(os.listdir('/')))\n", audit_guard=False)
+    visible = set(json.loads(result.replace("'", '"')))
+    assert {"usr", "etc", "proc", "dev", "tmp", "sandbox"} <= visible
+    assert not visible & {"home", "var", "run", "sys", "srv", "mnt", "boot"}
+
+
+def test_python_tool_working_directory_is_a_private_tmpfs():
+    result = python_tool("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())\n"
+                         "print(open('/proc/self/mountinfo').read())", audit_guard=False,
+                         max_output_chars=100_000)
+    cwd, mounts = result.split("\n", 1)
+    assert cwd == "/sandbox" and not os.path.exists("/sandbox/f")
+    (line,) = [m for m in mounts.splitlines() if m.split()[4:5] == ["/sandbox"]]
+    assert " rw," in line and " - tmpfs " in line
+
+
+def test_python_tool_rlimits_working_directory_is_removed():
+    with pytest.warns(RuntimeWarning):
+        result = python_tool("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())\n",
+                             isolation="rlimits")
     directory = result.strip()
     assert os.path.basename(directory).startswith("rlprim-python-")
     assert not os.path.exists(directory)
