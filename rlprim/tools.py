@@ -929,6 +929,12 @@ def _python_mounts(site_packages: bool) -> list[tuple[str, str]]:
     return sorted(mounts, key=lambda mount: (mount[1].count("/"), mount[1]))
 
 
+def _ancestors(path: str) -> list[str]:
+    """``/a/b/c`` -> ``["/a", "/a/b", "/a/b/c"]``."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts)) if parts[0]]
+
+
 def _bwrap_argv(bwrap: str, config: _SandboxConfig, code_fd: int, as_root: bool,
                 capabilities: bool) -> list[str]:
     """bubblewrap's arguments: namespaces, an empty environment, the read-only system and
@@ -953,7 +959,13 @@ def _bwrap_argv(bwrap: str, config: _SandboxConfig, code_fd: int, as_root: bool,
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             argv += ["--ro-bind", path, path]
-    for source, destination in _python_mounts(config.site_packages):
+    mounts = _python_mounts(config.site_packages)
+    parents = {os.path.dirname(destination) for _, destination in mounts}
+    ancestors = {a for p in parents for a in _ancestors(p)}
+    for directory in sorted(ancestors, key=lambda path: (path.count("/"), path)):
+        # Traversable by any uid (a Python under /root, mode 0700, stays reachable).
+        argv += ["--perms", "0755", "--dir", directory]
+    for source, destination in mounts:
         argv += ["--ro-bind", source, destination]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     for path, mode in (("/dev/shm", "1777"), ("/tmp", "1777"), (_BWRAP_WORKDIR, "0777")):
