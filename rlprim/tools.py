@@ -38,6 +38,7 @@ import re
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -936,7 +937,7 @@ def _ancestors(path: str) -> list[str]:
 
 
 def _bwrap_argv(bwrap: str, config: _SandboxConfig, code_fd: int, as_root: bool,
-                capabilities: bool) -> list[str]:
+                capabilities: bool, seccomp_fd: int | None) -> list[str]:
     """bubblewrap's arguments: namespaces, an empty environment, the read-only system and
     Python, private tmpfs for /tmp, /dev/shm and the working directory, main.py in it."""
     size = str(config.max_disk_mb * 2**20)
@@ -970,24 +971,77 @@ def _bwrap_argv(bwrap: str, config: _SandboxConfig, code_fd: int, as_root: bool,
     argv += ["--proc", "/proc", "--dev", "/dev"]
     for path, mode in (("/dev/shm", "1777"), ("/tmp", "1777"), (_BWRAP_WORKDIR, "0777")):
         argv += ["--size", size, "--perms", mode, "--tmpfs", path]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     argv += ["--perms", "0644", "--file", str(code_fd), _BWRAP_WORKDIR + "/main.py",
              "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", _BWRAP_WORKDIR, "--"]
     return argv
 
 
-def _code_fd(code: str) -> int:
-    """An fd at offset 0 of a file holding ``code`` that exists nowhere on disk."""
-    data = code.encode("utf-8", "surrogatepass")
+# The seccomp filter bwrap installs before the program: no new user namespaces (unshare and
+# clone with CLONE_NEWUSER; clone3, whose flags a filter cannot read, answers ENOSYS so that
+# libc falls back to clone), and none of the kernel interfaces that container runtimes commonly
+# refuse (bpf, userfaultfd, perf_event_open, the key rings, io_uring). Syscall numbers per
+# architecture (x86-64, aarch64); elsewhere no filter is installed.
+_SECCOMP_ARCHES = MappingProxyType({
+    "x86_64": (0xC000003E, {"unshare": 272, "clone": 56, "clone3": 435, "bpf": 321,
+                            "userfaultfd": 323, "perf_event_open": 298, "keyctl": 250,
+                            "add_key": 248, "request_key": 249, "io_uring_setup": 425}),
+    "aarch64": (0xC00000B7, {"unshare": 97, "clone": 220, "clone3": 435, "bpf": 280,
+                             "userfaultfd": 282, "perf_event_open": 241, "keyctl": 219,
+                             "add_key": 217, "request_key": 218, "io_uring_setup": 425}),
+})
+_CLONE_NEWUSER = 0x10000000
+
+
+def _seccomp_filter(machine: str) -> bytes | None:
+    """The classic-BPF program (``struct sock_filter[]``) for bwrap ``--seccomp``, or None."""
+    if machine not in _SECCOMP_ARCHES:
+        return None
+    arch, numbers = _SECCOMP_ARCHES[machine]
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|..|K
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    # (code, jump-if-true label, jump-if-false label, k); labels resolve to relative offsets.
+    program: list[tuple[int, str | None, str | None, int]] = [
+        (load, None, None, 4), (jeq, None, "enosys", arch), (load, None, None, 0)]
+    if machine == "x86_64":  # x32 system calls (bit 30) would bypass the numbers below
+        program.append((jge, "enosys", None, 0x40000000))
+    for name in ("bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key",
+                 "io_uring_setup"):
+        program.append((jeq, "eperm", None, numbers[name]))
+    program += [(jeq, "flags", None, numbers["unshare"]), (jeq, "flags", None, numbers["clone"]),
+                (jeq, "enosys", None, numbers["clone3"]), (ret, None, None, allow)]
+    labels = {"flags": len(program)}
+    program += [(load, None, None, 16), (jset, "eperm", None, _CLONE_NEWUSER),
+                (ret, None, None, allow)]
+    labels["eperm"] = len(program)
+    program.append((ret, None, None, eperm))
+    labels["enosys"] = len(program)
+    program.append((ret, None, None, enosys))
+    encoded = bytearray()
+    for index, (code, if_true, if_false, k) in enumerate(program):
+        offsets = [0 if label is None else labels[label] - index - 1
+                   for label in (if_true, if_false)]
+        encoded += struct.pack("=HBBI", code, offsets[0], offsets[1], k)
+    return bytes(encoded)
+
+
+def _memory_fd(data: bytes, name: str) -> int:
+    """An fd at offset 0 of a file holding ``data`` that exists nowhere on disk."""
     if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("rlprim-main.py", 0)
+        fd = os.memfd_create(name, 0)
     else:  # pragma: no cover - Linux always has memfd_create
-        fd, name = tempfile.mkstemp(prefix="rlprim-main-")
-        os.unlink(name)
+        fd, path = tempfile.mkstemp(prefix=name)
+        os.unlink(path)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+def _code_fd(code: str) -> int:
+    return _memory_fd(code.encode("utf-8", "surrogatepass"), "rlprim-main.py")
 
 
 def _was_ready(ready_fd: int) -> bool:
@@ -1014,15 +1068,18 @@ def _run_in_bwrap(code: str, config: _SandboxConfig) -> str:
     # fresh uid, or a fresh user namespace (not root); the kernel exempts the host's root.
     max_processes = config.max_processes if (uid is not None or not as_root) else None
     code_fd = _code_fd(code)
+    seccomp = _seccomp_filter(os.uname().machine)
+    seccomp_fd = None if seccomp is None else _memory_fd(seccomp, "rlprim-seccomp")
+    inherited = [fd for fd in (code_fd, seccomp_fd) if fd is not None]
     ready_read, ready_write = os.pipe()
     try:
-        child = _child_config(config, uid, max_processes, False, ready_write, [code_fd])
-        argv = (_bwrap_argv(bwrap, config, code_fd, as_root, uid is not None)
+        child = _child_config(config, uid, max_processes, False, ready_write, inherited)
+        argv = (_bwrap_argv(bwrap, config, code_fd, as_root, uid is not None, seccomp_fd)
                 + _python_argv(config, child))
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd="/", env={}, start_new_session=True, close_fds=True,
-            pass_fds=(code_fd, ready_write),
+            pass_fds=(*inherited, ready_write),
         )
         os.close(ready_write)
         ready_write = -1
@@ -1040,7 +1097,7 @@ def _run_in_bwrap(code: str, config: _SandboxConfig) -> str:
             process.wait()
         ready = _was_ready(ready_read)
     finally:
-        for fd in (code_fd, ready_read, ready_write):
+        for fd in (*inherited, ready_read, ready_write):
             if fd >= 0:
                 os.close(fd)
     if not ready and not timed_out and stderr.startswith(b"bwrap: "):
@@ -1130,6 +1187,10 @@ def python_tool(
          (the kernel must allow unprivileged ones; the error says which setting forbids
          them) in which the program keeps your uid, without capabilities, unable to nest
          user namespaces. ``PR_SET_NO_NEW_PRIVS`` either way: setuid programs gain nothing.
+         A seccomp filter (x86-64 and aarch64) refuses new user namespaces (``unshare`` /
+         ``clone`` with CLONE_NEWUSER; ``clone3`` answers ENOSYS so libc falls back to
+         ``clone``), ``bpf``, ``userfaultfd``, ``perf_event_open``, the key rings and
+         ``io_uring``.
       3. **Kernel limits** (``setrlimit``, hard = soft): ``RLIMIT_AS = memory_mb`` MiB,
          ``RLIMIT_CPU = cpu_seconds``, ``RLIMIT_FSIZE = max_file_mb`` MiB per file, 64 open
          files, no core dumps, ``RLIMIT_NPROC = max_processes`` processes *and threads*
@@ -1164,9 +1225,8 @@ def python_tool(
     as a signal). It never raises because of the program.
 
     Threat model, honestly: under bwrap, the boundary is the kernel's namespaces, mounts,
-    capabilities and rlimits (the attack surface of any unprivileged process, plus user
-    namespaces when not root); no seccomp filter is applied, and as root the program's
-    fresh uid may still create user namespaces of its own (inside the sandbox). Memory is
+    capabilities, rlimits and the small seccomp filter (the attack surface of an unprivileged
+    process, minus the interfaces the filter refuses). Memory is
     bounded per process (``RLIMIT_AS`` × ``max_processes``) plus the tmpfs sizes, not by a
     cgroup. The hostile corpus in ``tests/test_tools_sandbox.py`` is what was tried.
     Overhead: bubblewrap adds no measurable time to a call here (median ratio 0.95-1.10
