@@ -1229,8 +1229,8 @@ def python_tool(
     process, minus the interfaces the filter refuses). Memory is
     bounded per process (``RLIMIT_AS`` × ``max_processes``) plus the tmpfs sizes, not by a
     cgroup. The hostile corpus in ``tests/test_tools_sandbox.py`` is what was tried.
-    Overhead: bubblewrap adds no measurable time to a call here (median ratio 0.95-1.10
-    against the fallback, ``benchmarks/bench_sandbox.py``); a call costs what starting Python
+    Overhead: bubblewrap adds little time to a call here (median ratio 0.95-1.13, at most
+    +35 ms, against the fallback, ``benchmarks/bench_sandbox.py``); a call costs what starting Python
     costs, about 0.2-0.4 s, more with ``site_packages`` and heavy imports.
 
     Args:
