@@ -8,9 +8,27 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench lint clean test-vllm bench-trl
+.PHONY: setup bubblewrap test test-fast demo bench lint clean test-vllm bench-trl
 
-setup: $(STAMP)
+setup: $(STAMP) bubblewrap
+
+# The python tool's sandbox is bubblewrap (`bwrap`). Installed with apt-get when this runs as
+# root or with password-less sudo; otherwise a plain note says how (the tool refuses to run
+# without it unless given isolation="rlimits").
+bubblewrap:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "NOTE: bubblewrap (bwrap) is not installed and this is not an apt-get system: install the 'bubblewrap' package (the python tool refuses to run without it)."; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "NOTE: bubblewrap (bwrap) is not installed and installing it needs root: run 'sudo apt-get install bubblewrap' (the python tool refuses to run without it)."; \
+	  else \
+	    echo "installing bubblewrap (the python tool's sandbox) with apt-get"; \
+	    $$SUDO apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap >/dev/null \
+	      || echo "NOTE: apt-get could not install bubblewrap: run 'sudo apt-get install bubblewrap' (the python tool refuses to run without it)."; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -51,14 +51,18 @@ thread-safe); further requests wait.
 ``null`` when ``.batched`` raised for the whole request) and ``"traceback"``. The client turns
 it into ``RuntimeError`` naming the URL, the *global* index within the batch the caller passed,
 the error text and the server's traceback, and does not retry it (the function would fail
-again). A request the server cannot read is a 4xx, also not retried. Connection failures (refused,
+again). A request the server cannot read is a 4xx, also not retried; so is a request body above the
+server's ``max_body_bytes`` (default 8 MiB, checked before the body is stored), answered
+``413`` with an ``"error"`` naming both sizes — send smaller batches (``batch_size``). Connection failures (refused,
 reset, the server died mid-request), other 5xx answers (a proxy's 502/503/504) and timeouts are
 retried ``retries`` times, sleeping ``backoff · 2^(k-1)`` seconds before retry ``k``; then the
 client raises ``TimeoutError`` (the last attempt timed out), ``ConnectionError`` (it could not
 connect or lost the connection) or ``RuntimeError`` (5xx), naming the URL, the indices of the
 rollouts in the failed chunk, the attempts made and every attempt's error. ``timeout`` is the
-socket timeout of an attempt (for connecting and for each read), so against a silent server one
-request gives up after about ``(retries + 1) · timeout + backoff · (2^retries - 1)`` seconds.
+deadline of one attempt — connecting, sending and receiving together: a watchdog shuts the
+socket down when it passes, so no server behaviour (silence, an answer trickled one byte at a
+time, a body never read) stretches it, and one call gives up after at most
+``(retries + 1) · timeout + backoff · (2^retries - 1)`` seconds (plus a few milliseconds).
 Retrying re-sends the same request, so the served function must be idempotent — a reward
 function is pure, and a stateless environment step is too. ``compute_batch_rewards`` and the
 rollout functions wrap a reward function's exception in ``ValueError("reward_fn.batched raised
@@ -107,6 +111,10 @@ ENV_PATH = "/env"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 _EXTRA_HINT = "pip install 'rlprim[remote]'"
 _TRACEBACK_LIMIT = 4000  # characters of the server's traceback kept in an error message
+_DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # a request body above this is answered 413
+# An oversized body up to this many times the limit is read and dropped before the 413, so the
+# client, which sends its whole body before reading the answer, gets the 413 rather than a reset.
+_DRAIN_FACTOR = 16
 
 
 class RemoteServer(NamedTuple):
@@ -344,8 +352,70 @@ def _step_request(env_fn: Callable[..., Any], payload: object) -> tuple[int, dic
     return 200, {"messages": answers}
 
 
+async def _send_too_large(send: Callable[..., Any], size: str, limit: int) -> None:
+    message = (f"request body of {size} bytes exceeds this server's limit of {limit} bytes "
+               f"(max_body_bytes): send smaller batches (batch_size) or start the server with "
+               f"a larger max_body_bytes")
+    body = json.dumps({"error": message, "max_body_bytes": limit}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _limit_request_body(app: Callable[..., Any], max_body_bytes: int) -> Callable[..., Any]:
+    """ASGI middleware: reads a request's body with a bound, answers 413 above it.
+
+    A ``Content-Length`` above the bound is refused before reading (the body is read and
+    dropped, up to ``_DRAIN_FACTOR`` times the bound, so the client can read the answer); a
+    chunked body is counted as it arrives. The body read is handed to ``app`` in one piece.
+    """
+
+    async def limited(scope: dict[str, Any], receive: Callable[..., Any],
+                      send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and not (declared.isdigit() and int(declared) <= max_body_bytes):
+            if declared.isdigit() and int(declared) <= _DRAIN_FACTOR * max_body_bytes:
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away
+                    more = message.get("more_body", False)
+            await _send_too_large(send, declared.decode("latin-1")[:20], max_body_bytes)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if len(body) > max_body_bytes:
+                await _send_too_large(send, f"more than {max_body_bytes}", max_body_bytes)
+                return
+            more = message.get("more_body", False)
+        delivered = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return await receive()  # waits for the client to disconnect
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await app(scope, replay, send)
+
+    return limited
+
+
 def _create_app(
-    kind: str, fn: Callable[..., Any], max_concurrency: int, batched: bool
+    kind: str, fn: Callable[..., Any], max_concurrency: int, batched: bool,
+    max_body_bytes: int,
 ) -> Any:
     fastapi, _ = _require_server_libraries()
     from fastapi.responses import JSONResponse
@@ -374,10 +444,12 @@ def _create_app(
     call.__doc__ = f"Runs the served {kind} function on a batch (see rlprim.remote)."
     app.get(HEALTH_PATH, response_model=None)(health)
     app.post(path, response_model=None)(call)
+    app.add_middleware(_limit_request_body, max_body_bytes=max_body_bytes)
     return app
 
 
-def create_reward_app(reward_fn: Callable[[Rollout], Any], max_concurrency: int = 1) -> Any:
+def create_reward_app(reward_fn: Callable[[Rollout], Any], max_concurrency: int = 1,
+                      max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES) -> Any:
     """The FastAPI application serving ``reward_fn`` (``GET /health``, ``POST /reward``).
 
     For your own ASGI deployment (``uvicorn module:app``, behind a proxy, several workers);
@@ -389,21 +461,25 @@ def create_reward_app(reward_fn: Callable[[Rollout], Any], max_concurrency: int 
     Args:
       reward_fn: ``fn(rollout) -> float | Sequence[float]``, optionally with ``.batched``.
       max_concurrency: how many requests may run ``reward_fn`` at the same time (>= 1).
+      max_body_bytes: the largest request body read (default 8 MiB); a larger one is
+        answered ``413`` with a JSON ``"error"`` naming both sizes, before it is stored.
     Returns:
       A ``fastapi.FastAPI`` application.
     Raises:
       TypeError: ``reward_fn`` (or its ``.batched``) is not callable.
-      ValueError: ``max_concurrency < 1``.
+      ValueError: ``max_concurrency < 1`` or ``max_body_bytes < 1``.
       ImportError: FastAPI is not installed (``pip install 'rlprim[remote]'``).
     """
     _check_reward_fn(reward_fn)
     max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+    max_body_bytes = _check_int("max_body_bytes", max_body_bytes, 1)
     batched = getattr(reward_fn, "batched", None) is not None
-    return _create_app("reward", reward_fn, max_concurrency, batched)
+    return _create_app("reward", reward_fn, max_concurrency, batched, max_body_bytes)
 
 
 def create_env_app(
-    env_fn: Callable[[Conversation], Sequence[Message] | None], max_concurrency: int = 1
+    env_fn: Callable[[Conversation], Sequence[Message] | None], max_concurrency: int = 1,
+    max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES,
 ) -> Any:
     """The FastAPI application serving an environment step ``env_fn`` (``GET /health``,
     ``POST /env``).
@@ -418,10 +494,12 @@ def create_env_app(
     Args:
       env_fn: the environment step function.
       max_concurrency: how many requests may run ``env_fn`` at the same time (>= 1).
+      max_body_bytes: the largest request body read (default 8 MiB; larger: ``413``).
     Returns:
       A ``fastapi.FastAPI`` application.
     Raises:
-      TypeError: ``env_fn`` is not callable. ValueError: ``max_concurrency < 1``.
+      TypeError: ``env_fn`` is not callable.
+      ValueError: ``max_concurrency < 1`` or ``max_body_bytes < 1``.
       ImportError: FastAPI is not installed (``pip install 'rlprim[remote]'``).
     """
     _check_callable("env_fn", env_fn)
@@ -429,7 +507,8 @@ def create_env_app(
     if batched is not None:
         _check_callable("env_fn.batched", batched)
     max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
-    return _create_app("env", env_fn, max_concurrency, batched is not None)
+    max_body_bytes = _check_int("max_body_bytes", max_body_bytes, 1)
+    return _create_app("env", env_fn, max_concurrency, batched is not None, max_body_bytes)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -453,11 +532,12 @@ class _ServerOptions(NamedTuple):
     max_concurrency: int
     log_level: str
     stop_timeout: float
+    max_body_bytes: int
 
 
 def _check_server_options(
     kind: str, fn: object, host: object, port: object, max_concurrency: object,
-    log_level: object, stop_timeout: object,
+    log_level: object, stop_timeout: object, max_body_bytes: object,
 ) -> _ServerOptions:
     if kind == "reward":
         _check_reward_fn(fn)
@@ -468,15 +548,16 @@ def _check_server_options(
         max_concurrency=_check_int("max_concurrency", max_concurrency, 1),
         log_level=_check_log_level(log_level),
         stop_timeout=_check_seconds("stop_timeout", stop_timeout, allow_zero=False),
+        max_body_bytes=_check_int("max_body_bytes", max_body_bytes, 1),
     )
 
 
 def _uvicorn_server(options: _ServerOptions, configure_logging: bool) -> Any:
     _, uvicorn = _require_server_libraries()
     if options.kind == "reward":
-        app = create_reward_app(options.fn, options.max_concurrency)
+        app = create_reward_app(options.fn, options.max_concurrency, options.max_body_bytes)
     else:
-        app = create_env_app(options.fn, options.max_concurrency)
+        app = create_env_app(options.fn, options.max_concurrency, options.max_body_bytes)
     extra: dict[str, Any] = {} if configure_logging else {"log_config": None}
     config = uvicorn.Config(
         app, log_level=options.log_level, access_log=options.log_level in ("debug", "trace"),
@@ -505,6 +586,7 @@ def serve_reward_fn(
     *,
     max_concurrency: int = 1,
     log_level: str = "info",
+    max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serves ``reward_fn`` over HTTP until interrupted (Ctrl-C / SIGTERM): a server process.
 
@@ -519,12 +601,13 @@ def serve_reward_fn(
       port: the TCP port, ``0`` for a free one.
       max_concurrency: how many requests may run ``reward_fn`` at once (>= 1).
       log_level: uvicorn's log level (``"warning"`` … ``"debug"``; access logs from ``debug``).
+      max_body_bytes: the largest request body read (default 8 MiB); larger ones get ``413``.
     Raises:
       TypeError / ValueError: a bad argument (named). OSError: the address cannot be bound.
       ImportError: FastAPI / uvicorn missing (``pip install 'rlprim[remote]'``).
     """
     _serve_blocking(_check_server_options(
-        "reward", reward_fn, host, port, max_concurrency, log_level, 5.0))
+        "reward", reward_fn, host, port, max_concurrency, log_level, 5.0, max_body_bytes))
 
 
 def serve_env_fn(
@@ -534,6 +617,7 @@ def serve_env_fn(
     *,
     max_concurrency: int = 1,
     log_level: str = "info",
+    max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serves an environment step ``env_fn(conversation) -> Sequence[Message] | None`` over
     HTTP until interrupted: ``serve_reward_fn`` for environments (``POST /env``).
@@ -543,7 +627,7 @@ def serve_env_fn(
     retries and several replicas safe).
     """
     _serve_blocking(_check_server_options(
-        "env", env_fn, host, port, max_concurrency, log_level, 5.0))
+        "env", env_fn, host, port, max_concurrency, log_level, 5.0, max_body_bytes))
 
 
 def _child_main(options: _ServerOptions, connection: Any) -> None:
@@ -645,9 +729,10 @@ def _start_in_thread(options: _ServerOptions, startup_timeout: float) -> RemoteS
 def _start(
     kind: str, fn: object, host: object, port: object, in_subprocess: object,
     max_concurrency: object, log_level: object, startup_timeout: object, stop_timeout: object,
+    max_body_bytes: object,
 ) -> RemoteServer:
     options = _check_server_options(kind, fn, host, port, max_concurrency, log_level,
-                                    stop_timeout)
+                                    stop_timeout, max_body_bytes)
     if not isinstance(in_subprocess, bool):
         raise TypeError(f"in_subprocess must be a bool, got {type(in_subprocess).__name__}")
     startup_timeout = _check_seconds("startup_timeout", startup_timeout, allow_zero=False)
@@ -667,6 +752,7 @@ def start_reward_server(
     log_level: str = "warning",
     startup_timeout: float = 60.0,
     stop_timeout: float = 5.0,
+    max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES,
 ) -> RemoteServer:
     """Starts a reward server in the background and returns once it accepts requests.
 
@@ -687,6 +773,7 @@ def start_reward_server(
         alone and only sets uvicorn's logger levels).
       startup_timeout: seconds to wait for the server to listen.
       stop_timeout: seconds ``stop()`` waits for running requests before cancelling them.
+      max_body_bytes: the largest request body read (default 8 MiB); larger ones get ``413``.
     Returns:
       ``RemoteServer(url, host, port, pid, stop)``.
     Raises:
@@ -695,7 +782,7 @@ def start_reward_server(
       TimeoutError / RuntimeError: the server did not come up. ImportError: FastAPI/uvicorn.
     """
     return _start("reward", reward_fn, host, port, in_subprocess, max_concurrency, log_level,
-                  startup_timeout, stop_timeout)
+                  startup_timeout, stop_timeout, max_body_bytes)
 
 
 def start_env_server(
@@ -708,6 +795,7 @@ def start_env_server(
     log_level: str = "warning",
     startup_timeout: float = 60.0,
     stop_timeout: float = 5.0,
+    max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES,
 ) -> RemoteServer:
     """Starts an environment server (``POST /env``) in the background and returns its handle.
 
@@ -717,7 +805,7 @@ def start_env_server(
     ``remote_env_fn`` to get the ``env_fn`` a multi-turn rollout calls.
     """
     return _start("env", env_fn, host, port, in_subprocess, max_concurrency, log_level,
-                  startup_timeout, stop_timeout)
+                  startup_timeout, stop_timeout, max_body_bytes)
 
 
 # --------------------------------------------------------------------------- client side
@@ -750,18 +838,49 @@ def _endpoint(url: object, path: str, kind: str, timeout: object, retries: objec
 
 def _http(endpoint: _Endpoint, method: str, path: str, body: bytes | None,
           timeout: float) -> tuple[int, bytes]:
-    """One HTTP exchange on a fresh connection; ``timeout`` bounds the connect and each read."""
+    """One HTTP exchange on a fresh connection, all of it within ``timeout`` seconds.
+
+    The socket timeout alone bounds each read, so a server trickling one byte at a time could
+    stretch a request forever; a watchdog timer shuts the socket down at the deadline instead,
+    which ends any blocked connect, send or read. Raises TimeoutError naming the URL then.
+    """
     connection_class = (http.client.HTTPSConnection if endpoint.scheme == "https"
                         else http.client.HTTPConnection)
     connection = connection_class(endpoint.host, endpoint.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()  # before reading .sock: a connect finishing later sees the flag
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        connection.connect()
+        if expired.is_set():
+            raise TimeoutError("the deadline passed while connecting")
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
-        return response.status, response.read()
+        data = response.read()
+        if expired.is_set():  # a shut socket can look like a short, complete answer
+            raise TimeoutError("the deadline passed while receiving")
+        return response.status, data
+    except (OSError, http.client.HTTPException) as error:
+        if expired.is_set() or isinstance(error, TimeoutError):
+            raise TimeoutError(f"{method} {endpoint.url} took longer than {timeout:g} s "
+                               "(the deadline of connect + send + receive)") from error
+        raise
     finally:
+        watchdog.cancel()
         connection.close()
 
 
@@ -914,7 +1033,7 @@ def remote_reward_fn(
     Args:
       url: the server's base URL, ``http(s)://host:port`` (a path prefix is kept: a server
         behind ``http://host/rewards`` is called at ``http://host/rewards/reward``).
-      timeout: seconds (> 0) allowed for connecting and for each read of one attempt.
+      timeout: seconds (> 0) one attempt may take, connect + send + receive together.
       retries: further attempts (>= 0) after a connection error, a 5xx answer or a timeout.
       batch_size: the most rollouts per request (>= 1).
       backoff: seconds (>= 0) slept before the first retry, doubling before each next one.
@@ -989,7 +1108,7 @@ def remote_env_fn(
 
     Args:
       url: the server's base URL, ``http(s)://host:port``.
-      timeout: seconds (> 0) for connecting and for each read of one attempt.
+      timeout: seconds (> 0) one attempt may take, connect + send + receive together.
       retries: further attempts (>= 0) after a connection error, a 5xx answer or a timeout.
       batch_size: the most conversations per request of ``.batched`` (>= 1).
       backoff: seconds (>= 0) before the first retry, doubling before each next one.
@@ -1087,6 +1206,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     parser.add_argument("--max-concurrency", type=int, default=1)
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--max-body-bytes", type=int, default=_DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies are answered 413 (default 8 MiB)")
     parser.add_argument("--app-dir", default=None, help="prepended to sys.path (default: cwd)")
     parser.add_argument("--factory", action="store_true",
                         help="call the attribute with no arguments to build the function")
@@ -1096,7 +1217,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     serve = serve_reward_fn if args.kind == "reward" else serve_env_fn
     try:
         serve(fn, args.host, args.port, max_concurrency=args.max_concurrency,
-              log_level=args.log_level)
+              log_level=args.log_level, max_body_bytes=args.max_body_bytes)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; exit quietly
         pass
 

@@ -19,7 +19,7 @@ LAYERS = {
     "types": 0, "protocols": 0,
     "advantages": 1, "kl": 1, "losses": 1, "rewards": 1, "algorithms": 1, "checks": 1,
     "logprobs": 2, "inference": 2, "critic": 2, "reward_models": 2, "tools": 2,
-    "model_wrappers": 2, "testing": 2,
+    "model_wrappers": 2, "testing": 2, "_sandbox_child": 2,
     "rollouts": 3, "batching": 3, "data": 3, "vllm_engine": 3, "constitutional": 3,
     "training": 4, "checkpoint": 4, "logging": 4, "distributed": 4, "serialization": 4,
     "remote": 4,

@@ -9,6 +9,7 @@ child only ``import rlprim``, not this test file's imports.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib
 import json
@@ -457,6 +458,127 @@ def test_backoff_doubles_between_attempts_and_never_retries_forever():
     assert str(error.value).count("ConnectionRefusedError") == 4
 
 
+@pytest.fixture
+def hostile_server():
+    """``start(mode)`` runs tests/scripts/trickle_server.py MODE in its own process and returns
+    its URL; every server started is killed by its PID after the test."""
+    processes: list[subprocess.Popen] = []
+
+    def start(mode):
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "scripts" / "trickle_server.py"), mode],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        processes.append(process)
+        port = int(process.stdout.readline())
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["headers", "body", "noread"])
+def test_no_server_behaviour_stretches_the_deadline_of_a_request(hostile_server, mode):
+    url = hostile_server(mode)
+    timeout, retries, backoff = 0.5, 1, 0.1
+    remote = remote_reward_fn(url, timeout=timeout, retries=retries, backoff=backoff)
+    # A large body for "noread": the send blocks once the socket buffers are full.
+    rollout = make_rollout("a", note="x" * (8 * 2**20 if mode == "noread" else 1))
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as error:
+        remote(rollout)
+    elapsed = time.monotonic() - start
+    bound = (retries + 1) * timeout + backoff  # 1.1 s; a byte every 50 ms would go on for 30 s
+    assert bound - 0.01 <= elapsed < bound + 1.0
+    assert str(error.value) == (
+        f"remote reward at {url}/reward timed out for the rollout after 2 attempts (retries=1, "
+        "timeout=0.5 s, backoff=0.1 s); attempt 1: timed out after 0.5 s; attempt 2: timed "
+        "out after 0.5 s")
+    cause = error.value.__context__
+    while cause is not None and "took longer than" not in str(cause):
+        cause = cause.__context__
+    assert cause is None or f"POST {url}/reward took longer than 0.5 s" in str(cause)
+
+
+def test_wait_for_server_gives_up_on_a_trickling_server(hostile_server):
+    url = hostile_server("headers")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"no healthy server at {url}/health within 0\.6 s; "
+                                           rf"last error: TimeoutError: GET {url}/health took"):
+        wait_for_server(url, timeout=0.6)
+    assert time.monotonic() - start < 0.6 + 1.0
+
+
+def _raw_post(port, head_lines, body_chunks):
+    """Sends a raw HTTP/1.1 request; returns (status, decoded JSON body or None)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(["POST /reward HTTP/1.1", "Host: 127.0.0.1", *head_lines])
+                      + "\r\n\r\n").encode())
+        for chunk in body_chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server answered and closed: read what it said
+                break
+        reply = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+            if b"\r\n\r\n" in reply and reply.split(b"\r\n\r\n", 1)[1].endswith(b"}"):
+                break
+    status = int(reply.split(b" ", 2)[1])
+    body = reply.split(b"\r\n\r\n", 1)[1]
+    return status, json.loads(body) if body.startswith(b"{") else None
+
+
+def test_oversized_request_bodies_are_answered_413_before_they_are_stored(serve):
+    calls = []
+
+    def reward(rollout):
+        calls.append(rollout.prompt)
+        return 1.0
+
+    limit = 64 * 2**10
+    server = serve("reward", reward, max_body_bytes=limit)
+    remote = remote_reward_fn(server.url, timeout=10.0, retries=3, backoff=0.01)
+    assert remote(make_rollout("small")) == 1.0
+    # Through the client: a clear error, not retried (a 4xx), the function never called.
+    with pytest.raises(RuntimeError) as error:
+        remote(make_rollout("big", note="x" * (2 * limit)))
+    message = str(error.value)
+    assert message.startswith(f"remote reward at {server.url}/reward rejected the request with "
+                              "the rollout: HTTP 413: request body of ")
+    assert f"exceeds this server's limit of {limit} bytes (max_body_bytes)" in message
+    assert message.endswith("(not retried)") and calls == ["small"]
+    # A declared length far above the limit: refused without reading the body.
+    status, body = _raw_post(server.port, ["Content-Type: application/json",
+                                           f"Content-Length: {50 * 2**20}"], [b"{" * 1024])
+    assert status == 413 and body["max_body_bytes"] == limit
+    assert body["error"].startswith(f"request body of {50 * 2**20} bytes exceeds")
+    # A chunked body (no length announced) is counted as it arrives.
+    chunk = b"%x\r\n%s\r\n" % (16 * 2**10, b" " * (16 * 2**10))
+    status, body = _raw_post(server.port, ["Content-Type: application/json",
+                                           "Transfer-Encoding: chunked"], [chunk] * 8 + [b"0\r\n\r\n"])
+    assert status == 413 and body["error"].startswith(f"request body of more than {limit} bytes")
+    assert calls == ["small"]
+    # At the limit exactly, a request is read and served.
+    padding = limit - len(json.dumps({"rollouts": []}))
+    status, body = _raw_post(server.port, ["Content-Type: application/json",
+                                           f"Content-Length: {limit}"],
+                             [b'{"rollouts": []' + b" " * padding + b"}"])
+    assert (status, body) == (200, {"rewards": []})
+
+
+def test_the_default_body_limit_is_8_mib(serve):
+    server = serve("env", countdown_env)
+    status, body = _raw_post(server.port, ["Content-Type: application/json",
+                                           f"Content-Length: {9 * 2**20}"], [b" " * (9 * 2**20)])
+    assert status == 413 and body["max_body_bytes"] == 8 * 2**20
+
+
 # =========================================================================== environments
 
 
@@ -671,6 +793,8 @@ def test_client_inputs_are_validated_before_any_request():
     ({"port": -1}, ValueError, r"port must be in \[0, 65535\], got -1"),
     ({"port": 70000}, ValueError, r"port must be in \[0, 65535\], got 70000"),
     ({"max_concurrency": 0}, ValueError, r"max_concurrency must be >= 1, got 0"),
+    ({"max_body_bytes": 0}, ValueError, r"max_body_bytes must be >= 1, got 0"),
+    ({"max_body_bytes": 1.5}, TypeError, r"max_body_bytes must be an int, got float"),
     ({"log_level": "loud"}, ValueError, r"log_level must be one of .* got 'loud'"),
 ])
 @pytest.mark.parametrize("entry", [serve_reward_fn, start_reward_server])

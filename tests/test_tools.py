@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -736,13 +737,39 @@ def test_python_tool_cannot_write_outside_its_directory(variant):
 def test_python_tool_uid_drop_alone_blocks_writes_to_root_owned_dirs(tmp_path):
     os.chmod(tmp_path, 0o755)  # traversable and readable, writable by root only
     target = tmp_path / "written-by-sandbox"
-    result = python_tool(f"open({str(target)!r}, 'w').write('x')\n", audit_guard=False)
+    with pytest.warns(RuntimeWarning, match="isolation='rlimits'"):
+        result = python_tool(f"open({str(target)!r}, 'w').write('x')\n", audit_guard=False,
+                             isolation="rlimits")
     assert "PermissionError: [Errno 13] Permission denied" in result
     assert not target.exists()
 
 
-def test_python_tool_working_directory_is_removed():
-    result = python_tool("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())\n")
+def test_python_tool_bwrap_alone_hides_the_host_file_system(tmp_path):
+    os.chmod(tmp_path, 0o777)  # writable by anyone: only the mount namespace keeps it out
+    target = tmp_path / "written-by-sandbox"
+    result = python_tool(f"open({str(target)!r}, 'w').write('x')\n", audit_guard=False)
+    assert "FileNotFoundError: [Errno 2] No such file or directory" in result
+    assert not target.exists()
+    result = python_tool("import os\nprint(sorted(os.listdir('/')))\n", audit_guard=False)
+    visible = set(json.loads(result.replace("'", '"')))
+    assert {"usr", "etc", "proc", "dev", "tmp", "sandbox"} <= visible
+    assert not visible & {"home", "var", "run", "sys", "srv", "mnt", "boot"}
+
+
+def test_python_tool_working_directory_is_a_private_tmpfs():
+    result = python_tool("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())\n"
+                         "print(open('/proc/self/mountinfo').read())", audit_guard=False,
+                         max_output_chars=100_000)
+    cwd, mounts = result.split("\n", 1)
+    assert cwd == "/sandbox" and not os.path.exists("/sandbox/f")
+    (line,) = [m for m in mounts.splitlines() if m.split()[4:5] == ["/sandbox"]]
+    assert " rw," in line and " - tmpfs " in line
+
+
+def test_python_tool_rlimits_working_directory_is_removed():
+    with pytest.warns(RuntimeWarning):
+        result = python_tool("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())\n",
+                             isolation="rlimits")
     directory = result.strip()
     assert os.path.basename(directory).startswith("rlprim-python-")
     assert not os.path.exists(directory)
@@ -850,6 +877,12 @@ def test_python_tool_rejects_bad_settings():
         python_tool("pass", cpu_seconds=1.5)
     with pytest.raises(TypeError, match="preload_modules"):
         python_tool("pass", preload_modules="numpy")
+    with pytest.raises(ValueError, match="isolation must be one of 'bwrap', 'rlimits', got 'none'"):
+        create_python_tool(isolation="none")
+    with pytest.raises(TypeError, match="isolation must be a str, got NoneType"):
+        python_tool("pass", isolation=None)
+    with pytest.raises(ValueError, match="max_disk_mb must be >= 1, got 0"):
+        create_python_tool(max_disk_mb=0)
 
 
 def test_create_python_tool_fixes_the_limits_for_the_model():
@@ -871,3 +904,64 @@ def test_default_tools_are_read_only_and_work_through_execute_tools():
                                '<tool name="calculator">{"expression": "2 ** 5"}</tool>')
     out = execute_tools(calls, DEFAULT_TOOLS, budget=2)
     assert [c.result for c in out] == ["32\n", "32"]
+
+
+# ------------------------------------------------------------- where bubblewrap cannot run
+# Each runs a Python inside an outer bubblewrap that changes one thing about the machine.
+
+_WITHOUT_BWRAP = '''
+import warnings
+import rlprim
+from rlprim.tools import DEFAULT_TOOLS, create_python_tool, python_tool
+for attempt in (lambda: create_python_tool(), lambda: python_tool("print(1)"),
+                lambda: DEFAULT_TOOLS["python"]("print(1)")):
+    try:
+        attempt()
+        print("ran")
+    except RuntimeError as error:
+        print("refused:", error)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print("fallback:", python_tool("print(6 * 7)", isolation="rlimits").strip(),
+          [str(w.message)[:40] for w in caught])
+'''
+
+
+def _in_outer_bwrap(extra: list[str], program: str, uid: int | None = None) -> str:
+    argv = ["bwrap", "--unshare-user", "--disable-userns", "--ro-bind", "/", "/", "--proc",
+            "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *extra]
+    if uid is not None:
+        argv += ["--uid", str(uid), "--gid", str(uid)]
+    result = subprocess.run([*argv, "--", sys.executable, "-c", program], capture_output=True,
+                            text=True, timeout=300, cwd="/",
+                            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_without_bubblewrap_the_tool_refuses_and_says_how_to_install_it(tmp_path):
+    empty = tmp_path / "not-bwrap"
+    empty.write_text("")  # mode 0644: not executable, so no bwrap is found
+    hidden = [a for p in {"/usr/bin/bwrap", "/bin/bwrap", "/usr/local/bin/bwrap",
+                          shutil.which("bwrap")} if p and os.path.exists(p)
+              for a in ("--ro-bind", str(empty), p)]
+    lines = _in_outer_bwrap(hidden, _WITHOUT_BWRAP, uid=1000).splitlines()
+    assert len(lines) == 4, lines
+    for line in lines[:3]:  # creation, a direct call, and the default tool when called
+        assert line.startswith("refused: python_tool: bubblewrap (the `bwrap` program) is not "
+                               "installed")
+        assert "sudo apt-get install bubblewrap" in line and "isolation='rlimits'" in line
+    warning = "python_tool: isolation='rlimits' runs the program"[:40]
+    assert lines[3] == f"fallback: 42 {[warning]}"
+
+
+def test_when_user_namespaces_are_forbidden_the_error_explains_it():
+    # Inside an outer sandbox made with --disable-userns, as uid 1000, bwrap cannot create the
+    # user namespace it needs: the kernel refuses, as it does with the sysctls that forbid them.
+    program = ("from rlprim.tools import python_tool\ntry:\n    python_tool('print(1)')\n"
+               "except RuntimeError as error:\n    print(error)\n")
+    output = _in_outer_bwrap([], program, uid=1000)
+    assert output.startswith("python_tool: bubblewrap could not set up the sandbox (bwrap: ")
+    assert "Run by a user other than root, bwrap needs unprivileged user namespaces" in output
+    assert "isolation='rlimits'" in output
