@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    # transformers' own "Loading weights" bars would interleave with the demo's lines.
+    transformers_logging.disable_progress_bar()
 
     from rlprim.inference import load_model, load_tokenizer
     from rlprim.quick_start import BUNDLED_MODEL, quick_start_training
@@ -60,11 +65,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def log_eval(stats):
         extra = stats.extra or {}
         if "eval/heldout_accuracy" in extra:
-            print(
+            # tqdm.write prints above the progress bar instead of breaking it mid-line.
+            tqdm.write(
                 f"  iteration {int(extra['iteration']) + 1:3d}: held-out accuracy "
                 f"{extra['eval/heldout_accuracy']:.1%}, reward {stats.reward_mean:.3f}, "
-                f"{extra['wall_time']:.0f}s",
-                flush=True,
+                f"{extra['wall_time']:.0f}s"
             )
 
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -355,12 +356,33 @@ def _accumulate_gradients(
     return _Passes(finite, losses, metrics_seen, entropies)
 
 
+def _custom_metric_names(passes: _Passes) -> tuple[str, ...]:
+    """Numeric metrics a loss function returned beyond the ones ``TrainingStats`` has fields
+    (or TIS diagnostics) for, sorted."""
+    known = {*_STEP_METRICS, *_TIS_MEAN_METRICS, "tis_ratio_max"}
+    return tuple(sorted({
+        name for _, metrics in passes.metrics for name, value in metrics.items()
+        if name not in known and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }))
+
+
+def _names_tag(names: Sequence[str]) -> float:
+    """A 16-bit fingerprint of a list of names, exact as a float64 (squares and sums too)."""
+    return float(zlib.crc32("\0".join(names).encode()) % 65536)
+
+
 def _global_step_sums(
     passes: _Passes, batch: Batch, tis: bool, parallel: DataParallel
 ) -> _StepSums:
-    """One ``all_reduce`` of the step's scalars: every rank agrees on finiteness and stats."""
+    """One ``all_reduce`` of the step's scalars: every rank agrees on finiteness and stats.
 
-    metric_names = _STEP_METRICS + (_TIS_MEAN_METRICS if tis else ())
+    A custom loss's extra metrics are summed over ranks too when every rank saw the same names
+    (checked in the same reduction: the fingerprints' variance is 0); otherwise each rank
+    keeps its own micro-batches' mean."""
+
+    custom = _custom_metric_names(passes)
+    metric_names = _STEP_METRICS + (_TIS_MEAN_METRICS if tis else ()) + custom
+    tag = _names_tag(custom)
 
     def metric_sums(name: str) -> list[float]:
         vals = [(w, m[name]) for w, m in passes.metrics if name in m]
@@ -369,9 +391,15 @@ def _global_step_sums(
     local = [0.0 if passes.finite else 1.0, sum(passes.losses), float(batch.completion_mask.sum())]
     local += [int(batch.completion_ids.shape[0])]
     local += [sum(e for e, _ in passes.entropies), sum(n for _, n in passes.entropies)]
+    local += [1.0, tag, tag * tag]
+    fixed = len(local) + 3 * (len(metric_names) - len(custom))
     for name in metric_names:
         local += metric_sums(name)
-    reduced = parallel.all_reduce(local)
+    head = parallel.all_reduce(local[:fixed])
+    ranks, tag_sum, tag_squares = (int(x) for x in head[6:9])
+    same_names = ranks * tag_squares == tag_sum * tag_sum  # exact integers in float64
+    tail = parallel.all_reduce(local[fixed:]) if same_names else local[fixed:]
+    reduced = head[:6] + head[9:] + tail
     ratio_maxima = [m["tis_ratio_max"] for _, m in passes.metrics if "tis_ratio_max" in m]
     tis_ratio_max = max(ratio_maxima, default=-math.inf)
     if tis:
@@ -424,7 +452,9 @@ def _step_stats(
     if tis:
         extra = {name: metric(name) for name in _TIS_MEAN_METRICS}
         extra["tis_ratio_max"] = sums.tis_ratio_max
-        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
+    known = {*_STEP_METRICS, *_TIS_MEAN_METRICS}
+    extra.update({name: metric(name) for name in sums.metrics if name not in known})
+    extra = {k: v for k, v in extra.items() if math.isfinite(v)}
     entropy_sum, entropy_tokens = sums.entropy
     return TrainingStats(
         step=state.step,
@@ -1098,6 +1128,9 @@ def _iteration_stats(
     ratio_maxima = [e["tis_ratio_max"] for e in step_extras if "tis_ratio_max" in e]
     if ratio_maxima:
         extra["tis_ratio_max"] = max(ratio_maxima)
+    custom = sorted({k for e in step_extras for k in e} - {*_TIS_MEAN_METRICS, "tis_ratio_max"})
+    for name in custom:  # a loss function's own metrics, averaged over the updates
+        extra.setdefault(name, _mean([e[name] for e in step_extras if name in e]))
     return TrainingStats(
         step=state.step,
         loss=_mean([s.loss for s in steps]),
@@ -1271,6 +1304,14 @@ def _evaluate(
     return {f"eval/{k}": float(v) for k, v in evaluation.items()}
 
 
+def _progress_postfix(stats: TrainingStats) -> dict[str, str]:
+    """The progress bar's measured numbers: reward, KL (absent when nothing measured it, e.g.
+    β = 0 without a reference) and the step's seconds."""
+    step_time = stats.time_generate + stats.time_reference + stats.time_train
+    shown = {"reward": (stats.reward_mean, ".3f"), "kl": (stats.kl, ".4f"), "s": (step_time, ".2f")}
+    return {k: format(v, spec) for k, (v, spec) in shown.items() if math.isfinite(v)}
+
+
 def train(
     initial_state: TrainingState,
     prompt_loader: Callable[[int], Sequence[Any]],
@@ -1369,10 +1410,7 @@ def train(
             if checkpoint_fn is not None:
                 checkpoint_fn(state)
             bar.update(1)
-            step_time = stats.time_generate + stats.time_reference + stats.time_train
-            bar.set_postfix(
-                reward=f"{stats.reward_mean:.3f}", kl=f"{stats.kl:.4f}", s=f"{step_time:.2f}"
-            )
+            bar.set_postfix(_progress_postfix(stats))
     finally:
         bar.close()
     return state

@@ -250,6 +250,68 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tokenizer):
     assert sa.grad_norm == pytest.approx(sb.grad_norm, rel=1e-4)
 
 
+def rows_loss_fn(batch, new_logprobs, config, **extras):
+    """The registry's GRPO loss plus a metric of our own: the micro-batch's row count, and
+    its trainable-token count (a mapping value that is not a number is ignored)."""
+    loss, metrics = rp.ALGORITHMS["grpo"].loss_fn(batch, new_logprobs, config, **extras)
+    rows = float(batch.completion_ids.shape[0])
+    return loss, {**metrics, "my_rows": rows, "my_tokens": float(batch.completion_mask.sum()),
+                  "my_note": "not a number"}
+
+
+def test_custom_loss_metrics_reach_the_stats_averaged_over_micro_batches(tokenizer):
+    # token-mean weights w_i = N_i / N: the weighted mean of a micro-batch's token count is
+    # Σ_i N_i² / N, of its row count Σ_i N_i·B_i / N — computed here from the micro-batches.
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.0, micro_batch_size=3,
+                               loss_agg_mode="token-mean")
+    batch = make_batch_for(state, tokenizer)
+    micro = rp.pack_by_length(batch, max_sequences=3)  # what training_step packs
+    _, stats = rp.training_step(state, batch, config, loss_fn=rows_loss_fn)
+    assert "my_note" not in stats.extra
+    tokens = [float(m.completion_mask.sum()) for m in micro]
+    rows = [float(m.completion_ids.shape[0]) for m in micro]
+    total = sum(tokens)
+    assert len(micro) == 3 and 2 in rows  # 8 rows in 3, 3, 2: the weights matter
+    assert stats.extra["my_tokens"] == pytest.approx(sum(t * t for t in tokens) / total)
+    assert stats.extra["my_rows"] == pytest.approx(
+        sum(t * r for t, r in zip(tokens, rows, strict=True)) / total
+    )
+    whole_state, _ = make_state(tokenizer, "grpo", kl_coef=0.0, loss_agg_mode="token-mean")
+    _, whole = rp.training_step(whole_state, batch, config._replace(micro_batch_size=None),
+                                loss_fn=rows_loss_fn)
+    assert whole.extra["my_rows"] == float(batch.completion_ids.shape[0])
+    assert whole.extra["my_tokens"] == float(batch.completion_mask.sum())
+
+
+def test_custom_loss_metrics_are_averaged_over_minibatches_and_reach_every_logger(
+    tokenizer, tmp_path
+):
+    # 2 prompts x 4 samples, minibatches of 4 rows, 2 epochs: 4 updates of 4 rows each.
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.0, num_epochs=2, minibatch_size=4)
+    loader = rp.create_prompt_loader(PROMPTS[:2], batch_size=2, seed=0)
+    log, path = [], tmp_path / "stats.jsonl"
+    rp.train(state, loader, 1, GEN, config, VARIED, loss_fn=rows_loss_fn, progress=False,
+             logger=rp.combine_loggers(log.append, rp.create_jsonl_logger(path)))
+    assert log[0].extra["my_rows"] == 4.0
+    assert rp.read_stats_jsonl(path)[0]["my_rows"] == 4.0
+    assert "my_rows" in rp.format_stats(log[0])
+
+
+def test_progress_bar_shows_only_measured_numbers(tokenizer, capsys):
+    # β = 0 and no reference model: the KL is not measured (nan) and must not be shown.
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.0)
+    loader = rp.create_prompt_loader(PROMPTS[:2], batch_size=2, seed=0)
+    log = []
+    rp.train(state, loader, 2, GEN, config, VARIED, logger=log.append, progress=True)
+    bar = capsys.readouterr().err
+    assert math.isnan(log[-1].kl)
+    assert f"reward={log[-1].reward_mean:.3f}" in bar and "s=" in bar
+    assert "kl=" not in bar and "nan" not in bar
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.05)
+    rp.train(state, loader, 1, GEN, config, VARIED, logger=log.append, progress=True)
+    assert f"kl={log[-1].kl:.4f}" in capsys.readouterr().err
+
+
 def test_gradient_clipping_bounds_the_update(tokenizer):
     state, config = make_state(tokenizer, "grpo", kl_coef=0.0, max_grad_norm=1e-3)
     batch = make_batch_for(state, tokenizer)
