@@ -376,9 +376,9 @@ def _global_step_sums(
 ) -> _StepSums:
     """One ``all_reduce`` of the step's scalars: every rank agrees on finiteness and stats.
 
-    A custom loss's extra metrics are summed over ranks too when every rank saw the same names
-    (checked in the same reduction: the fingerprints' variance is 0); otherwise each rank
-    keeps its own micro-batches' mean."""
+    A loss function's extra metrics are summed over ranks too when every rank saw the same
+    names (checked in the same reduction: the fingerprints' variance is 0); when they disagree
+    (e.g. a rank with no rows) none is reported, so every rank's statistics stay equal."""
 
     custom = _custom_metric_names(passes)
     metric_names = _STEP_METRICS + (_TIS_MEAN_METRICS if tis else ()) + custom
@@ -398,7 +398,9 @@ def _global_step_sums(
     head = parallel.all_reduce(local[:fixed])
     ranks, tag_sum, tag_squares = (int(x) for x in head[6:9])
     same_names = ranks * tag_squares == tag_sum * tag_sum  # exact integers in float64
-    tail = parallel.all_reduce(local[fixed:]) if same_names else local[fixed:]
+    if not same_names:  # ranks disagree on which extra metrics exist: report none of them
+        metric_names = metric_names[: len(metric_names) - len(custom)]
+    tail = parallel.all_reduce(local[fixed:]) if same_names else []
     reduced = head[:6] + head[9:] + tail
     ratio_maxima = [m["tis_ratio_max"] for _, m in passes.metrics if "tis_ratio_max" in m]
     tis_ratio_max = max(ratio_maxima, default=-math.inf)
