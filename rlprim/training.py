@@ -21,6 +21,7 @@ time are computed by the same function.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import zlib
@@ -1306,6 +1307,69 @@ def _evaluate(
     return {f"eval/{k}": float(v) for k, v in evaluation.items()}
 
 
+def _accepts(fn: Callable[..., Any], num_args: int) -> bool:
+    """Whether ``fn`` can be called with ``num_args`` positional arguments (``True`` when
+    Python cannot tell, e.g. for some builtins)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*range(num_args))
+    except TypeError:
+        return False
+    return True
+
+
+def _two_argument_updater(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any, int], Any]:
+    """``fn(ref_model, policy)`` (seed 003's form) as an updater ``fn(ref_model, policy, step)``."""
+
+    def updater(ref_model: Any, policy: Any, step: int) -> Any:
+        return update(ref_model, policy)
+
+    return updater
+
+
+_HOOK_FORMS = {  # name: (positional arguments, the call train makes, the usual fix)
+    "checkpoint_fn": (1, "checkpoint_fn(state)",
+                      "for save_checkpoint(state, path) pass rp.create_checkpoint_fn(directory)"),
+    "eval_fn": (1, "eval_fn(state) -> {name: float}", "wrap it: lambda state: {...}"),
+    "logger": (1, "logger(stats)",
+               "for log_to_wandb(stats, run) pass rp.create_wandb_logger(...)[0]"),
+    "prompt_loader": (1, "prompt_loader(position) -> prompts",
+                      "rp.create_prompt_loader(items, batch_size) builds one"),
+}
+
+
+def _checked_hooks(
+    ref_model_update_fn: Any, checkpoint_fn: Any, eval_fn: Any, logger: Any, prompt_loader: Any
+) -> Callable[..., Any] | None:
+    """Check ``train``'s hooks before any iteration runs; returns the reference updater in its
+    three-argument form (a two-argument ``fn(ref_model, policy)`` is adapted)."""
+    hooks = {"checkpoint_fn": checkpoint_fn, "eval_fn": eval_fn, "logger": logger,
+             "prompt_loader": prompt_loader}
+    for name, fn in hooks.items():
+        if fn is None and name != "prompt_loader":
+            continue
+        num_args, form, fix = _HOOK_FORMS[name]
+        if not callable(fn) or not _accepts(fn, num_args):
+            raise TypeError(
+                f"{name} must be callable as {form}; got {getattr(fn, '__name__', fn)!r}, "
+                f"which is not ({fix})"
+            )
+    if ref_model_update_fn is None:
+        return None
+    if callable(ref_model_update_fn) and _accepts(ref_model_update_fn, 3):
+        return ref_model_update_fn
+    if callable(ref_model_update_fn) and _accepts(ref_model_update_fn, 2):
+        return _two_argument_updater(ref_model_update_fn)
+    raise TypeError(
+        "ref_model_update_fn must be callable as fn(ref_model, policy, step) -> ref_model "
+        f"(or fn(ref_model, policy)), got {getattr(ref_model_update_fn, '__name__', ref_model_update_fn)!r}"
+        " (rp.create_ema_updater(decay) and rp.create_periodic_updater(every) build one)"
+    )
+
+
 def _progress_postfix(stats: TrainingStats) -> dict[str, str]:
     """The progress bar's measured numbers: reward, KL (absent when nothing measured it, e.g.
     β = 0 without a reference) and the step's seconds."""
@@ -1378,6 +1442,9 @@ def train(
         raise ValueError(f"num_iterations must be an int ≥ 0, got {num_iterations!r}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be ≥ 1, got {eval_every}")
+    ref_model_update_fn = _checked_hooks(
+        ref_model_update_fn, checkpoint_fn, eval_fn, logger, prompt_loader
+    )
     parallel = data_parallel or current_data_parallel()
     state, start = initial_state, initial_state.iteration
     main = parallel.is_main_process()  # the main process alone logs and shows progress

@@ -312,6 +312,41 @@ def test_progress_bar_shows_only_measured_numbers(tokenizer, capsys):
     assert f"kl={log[-1].kl:.4f}" in capsys.readouterr().err
 
 
+def test_seed_hook_forms_work_or_fail_at_entry_naming_the_right_form(tokenizer):
+    loader = rp.create_prompt_loader(PROMPTS[:2], batch_size=2, seed=0)
+    # Seed 003's two-argument updater fn(ref, policy) is called without the step.
+    state, config = make_state(tokenizer, "grpo", kl_coef=0.05)
+    state = state._replace(ref_model=rp.create_reference_model(state.policy))
+    calls = []
+
+    def copy_policy(ref, policy):
+        calls.append(1)
+        return rp.create_reference_model(policy)
+
+    state = rp.train(state, loader, 2, GEN, config, VARIED, ref_model_update_fn=copy_policy,
+                     progress=False)
+    assert len(calls) == 2
+    assert same_params(params_of(state.ref_model), params_of(state.policy))
+    kept = rp.train(state, loader, 3, GEN, config, VARIED,
+                    ref_model_update_fn=lambda ref, policy: ref, progress=False)
+    assert kept.ref_model is state.ref_model
+    # Forms that cannot be called as train calls them: a TypeError before any iteration.
+    before = params_of(state.policy)
+    bad = [
+        ({"checkpoint_fn": rp.save_checkpoint}, r"checkpoint_fn\(state\).*create_checkpoint_fn"),
+        ({"logger": rp.log_to_wandb}, r"logger\(stats\).*create_wandb_logger"),
+        ({"eval_fn": lambda: {}}, r"eval_fn\(state\)"),
+        ({"ref_model_update_fn": lambda ref: ref}, r"fn\(ref_model, policy, step\)"),
+        ({"ref_model_update_fn": 3}, r"ref_model_update_fn must be callable"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(TypeError, match=match):
+            rp.train(state, loader, 4, GEN, config, VARIED, progress=False, **kwargs)
+    with pytest.raises(TypeError, match=r"prompt_loader\(position\)"):
+        rp.train(state, PROMPTS, 4, GEN, config, VARIED, progress=False)
+    assert same_params(before, params_of(state.policy)) and state.iteration == 2
+
+
 def test_gradient_clipping_bounds_the_update(tokenizer):
     state, config = make_state(tokenizer, "grpo", kl_coef=0.0, max_grad_norm=1e-3)
     batch = make_batch_for(state, tokenizer)
