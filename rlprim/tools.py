@@ -960,6 +960,11 @@ def _bwrap_argv(bwrap: str, config: _SandboxConfig, code_fd: int, as_root: bool,
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             argv += ["--ro-bind", path, path]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    # The private tmpfs mounts come before Python's: a Python (or venv) under /tmp must stay
+    # visible on top of the empty /tmp, not be hidden by it.
+    for path, mode in (("/dev/shm", "1777"), ("/tmp", "1777"), (_BWRAP_WORKDIR, "0777")):
+        argv += ["--size", size, "--perms", mode, "--tmpfs", path]
     mounts = _python_mounts(config.site_packages)
     parents = {os.path.dirname(destination) for _, destination in mounts}
     ancestors = {a for p in parents for a in _ancestors(p)}
@@ -968,9 +973,6 @@ def _bwrap_argv(bwrap: str, config: _SandboxConfig, code_fd: int, as_root: bool,
         argv += ["--perms", "0755", "--dir", directory]
     for source, destination in mounts:
         argv += ["--ro-bind", source, destination]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    for path, mode in (("/dev/shm", "1777"), ("/tmp", "1777"), (_BWRAP_WORKDIR, "0777")):
-        argv += ["--size", size, "--perms", mode, "--tmpfs", path]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
     argv += ["--perms", "0644", "--file", str(code_fd), _BWRAP_WORKDIR + "/main.py",
