@@ -930,6 +930,11 @@ with warnings.catch_warnings(record=True) as caught:
 def _in_outer_bwrap(extra: list[str], program: str, uid: int | None = None) -> str:
     argv = ["bwrap", "--unshare-user", "--disable-userns", "--ro-bind", "/", "/", "--proc",
             "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *extra]
+    # A venv or checkout under /tmp (a CI clone there) stays visible on top of the empty /tmp.
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in sorted({sys.prefix, repository}):
+        if path.startswith("/tmp/"):
+            argv += ["--ro-bind", path, path]
     if uid is not None:
         argv += ["--uid", str(uid), "--gid", str(uid)]
     result = subprocess.run([*argv, "--", sys.executable, "-c", program], capture_output=True,
