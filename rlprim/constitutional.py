@@ -243,6 +243,18 @@ def _check_strings(name: str, values: Any, allow_empty_items: bool = True) -> li
     return list(values)
 
 
+def _check_pairs(prompts: Any, responses: Any) -> tuple[list[str], list[str]]:
+    """``prompts`` and ``responses`` checked as lists of strings of the same length."""
+    prompts = _check_strings("prompts", prompts)
+    responses = _check_strings("responses", responses)
+    if len(prompts) != len(responses):
+        raise ValueError(
+            f"prompts and responses must have the same length, got {len(prompts)} and "
+            f"{len(responses)}"
+        )
+    return prompts, responses
+
+
 def _check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -443,13 +455,7 @@ def compute_judge_scores(
     Returns:
       ``[B, P]`` float32 scores on the CPU.
     """
-    prompts = _check_strings("prompts", prompts)
-    responses = _check_strings("responses", responses)
-    if len(prompts) != len(responses):
-        raise ValueError(
-            f"prompts and responses must have the same length, got {len(prompts)} and "
-            f"{len(responses)}"
-        )
+    prompts, responses = _check_pairs(prompts, responses)
     principles = _principles_with(principles, ["judge_question"])
     values = _check_option_values(options, option_values)
     render = _check_template("template", template, ("prompt", "response", "question"))
@@ -575,13 +581,7 @@ def critique_and_revise(
     Returns:
       ``B`` ``RevisionPair``\\ s, in the order of the inputs.
     """
-    prompts = _check_strings("prompts", prompts)
-    responses = _check_strings("responses", responses)
-    if len(prompts) != len(responses):
-        raise ValueError(
-            f"prompts and responses must have the same length, got {len(prompts)} and "
-            f"{len(responses)}"
-        )
+    prompts, responses = _check_pairs(prompts, responses)
     principles = _principles_with(principles, ["critique_request", "revision_request"])
     if not isinstance(gen_config, GenerationConfig):
         raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")

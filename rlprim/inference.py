@@ -530,10 +530,9 @@ class _LogprobRecorder(NamedTuple):
         return scaled
 
 
-def _create_logprob_recorder(temperature: float) -> tuple[_LogprobRecorder, dict]:
-    """The recorder for one ``generate`` call and the dict it fills (see ``_LogprobRecorder``)."""
-    state: dict[str, Any] = {"scaled": None, "lse": None, "logprobs": []}
-    return _LogprobRecorder(temperature, state), state
+def _create_logprob_recorder(temperature: float) -> _LogprobRecorder:
+    """The recorder for one ``generate`` call, with an empty ``state`` (see ``_LogprobRecorder``)."""
+    return _LogprobRecorder(temperature, {"scaled": None, "lse": None, "logprobs": []})
 
 
 def _token_logprob(state: Mapping[str, Any], tokens: torch.Tensor) -> torch.Tensor:
@@ -616,7 +615,8 @@ def _generate_one_batch(
         input_ids = input_ids.repeat_interleave(num_samples, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
 
-    record, logprob_state = _create_logprob_recorder(float(config.temperature))
+    record = _create_logprob_recorder(float(config.temperature))
+    logprob_state = record.state
     stopping = []
     stop_verdicts: list[torch.Tensor] = []
     if config.stop:
