@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -583,10 +584,15 @@ def update_reference_model(
     if not callable(update_fn):
         raise TypeError(f"update_fn must be callable, got {type(update_fn).__name__}")
     step = check_int("step", step, 0)
-    new_ref = update_fn(ref_model, policy, step)
+    return _frozen_reference(update_fn(ref_model, policy, step), policy, "update_fn")
+
+
+def _frozen_reference(new_ref: Any, policy: nn.Module, source: str) -> nn.Module:
+    """``new_ref`` frozen, after checking it is a module sharing no storage with ``policy``
+    (``source`` names the function that made it)."""
     if not isinstance(new_ref, nn.Module):
         raise TypeError(
-            f"update_fn must return the reference model (a torch.nn.Module), got "
+            f"{source} must return the reference model (a torch.nn.Module), got "
             f"{type(new_ref).__name__}"
         )
     policy_storages = {p.untyped_storage().data_ptr() for p in policy.parameters()} - {0}
@@ -594,7 +600,7 @@ def update_reference_model(
         p.untyped_storage().data_ptr() in policy_storages for p in new_ref.parameters()
     ):
         raise ValueError(
-            "update_fn returned a model that shares parameters with the policy; the reference "
+            f"{source} returned a model that shares parameters with the policy; the reference "
             "must be a separate copy (e.g. create_reference_model(policy))"
         )
     return _freeze(new_ref)

@@ -36,6 +36,10 @@ __all__ = [
     "EvalFn",
     "CheckpointFn",
     "OptimizerStepFn",
+    "Scorer",
+    "RefModelFn",
+    "ToolTracker",
+    "ValueFn",
 ]
 
 
@@ -161,3 +165,57 @@ class OptimizerStepFn(Protocol):
     """
 
     def __call__(self, state: TrainingState) -> None: ...
+
+
+class Scorer(Protocol):
+    """``scorer(model, input_ids [B, T], attention_mask [B, T]) -> scores [B] | [B, K]``.
+
+    How a reward model scores one padded batch (``compute_reward_model_score(...,
+    scorer=)``, ``create_reward_model_fn(..., scorer=)``). The default,
+    ``score_with_reward_model``, reads a sequence-classification head's ``.logits`` or a plain
+    module's output; a replacement may read anything, e.g. a judge LM's log-probabilities.
+    """
+
+    def __call__(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class RefModelFn(Protocol):
+    """``ref_model_fn(policy) -> ref_model``: build the reference model π_ref.
+
+    Called once by ``create_training_state`` when the algorithm needs a reference and none is
+    given (default ``create_reference_model``, a frozen copy). It must return a module that
+    shares no parameter storage with the policy, e.g. a separately loaded SFT checkpoint.
+    """
+
+    def __call__(self, policy: Any) -> Any: ...
+
+
+class ToolTracker(Protocol):
+    """``tool_tracker(rollouts) -> {name: value}``: summarise tool use in a batch.
+
+    ``track_tool_calls`` is one; ``training_iteration(..., tool_tracker=)`` adds its numeric
+    values to ``stats.extra`` as ``tools/<name>`` (the mean over ranks in data-parallel jobs).
+    """
+
+    def __call__(self, rollouts: Sequence[Rollout]) -> Mapping[str, Any]: ...
+
+
+class ValueFn(Protocol):
+    """``value_fn(value_model, input_ids [B, T], attention_mask [B, T], completion_length,
+    completion_mask=None) -> values [B, Tc]``: the critic's per-token values ``V_t``.
+
+    The default is ``get_values``; ``training_iteration(..., value_fn=)`` uses a replacement
+    for the old values (advantages) and the new ones (the value loss). ``V_t`` must be the
+    value of the state before completion token ``t``, differentiable for the value loss.
+    """
+
+    def __call__(
+        self,
+        value_model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_length: int,
+        completion_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...

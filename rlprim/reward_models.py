@@ -42,9 +42,11 @@ __all__ = [
     "compute_reward_model_score",
     "create_reward_model_fn",
     "create_batch_reward_model_fn",
+    "score_with_reward_model",
 ]
 
 TemplateFn = Callable[[str, str], str]
+Scorer = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def load_reward_model(
@@ -124,50 +126,86 @@ def _model_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _reward_columns(output: Any, rows: int, hf: bool, label_index: int | None) -> torch.Tensor:
-    """``[rows]`` or ``[rows, K]`` rewards from a reward model's forward output."""
-    if hf:
-        logits = getattr(output, "logits", None)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
+def score_with_reward_model(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The default ``scorer``: a reward model's raw scores on one padded batch.
+
+    * A Hugging Face sequence-classification model (its ``.config`` is a ``PretrainedConfig``)
+      is called with keywords and its ``.logits`` ``[B, L]`` are returned: ``head(h_i)``,
+      ``h_i`` the final hidden state at row ``i``'s last non-pad token (Ouyang et al. 2022).
+    * Any other module is called positionally, ``model(input_ids, attention_mask)``, and its
+      output returned — ``[B]`` or ``[B, K]`` for seed 004's reward-model interface.
+
+    Args:
+      model: the reward model.
+      input_ids: ``[B, T]`` padded token ids. attention_mask: ``[B, T]`` (1 = real token).
+    Returns:
+      ``[B, L]`` logits (Hugging Face) or the module's output.
+    Raises:
+      ValueError: a Hugging Face model whose output has no ``.logits`` of shape ``[B, L]``.
+    """
+    if not _is_hf_model(model):
+        return model(input_ids, attention_mask)
+    rows = input_ids.shape[0]
+    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
+        raise ValueError(
+            f"a Hugging Face reward model must return .logits of shape [B, L] = [{rows}, L] "
+            f"(a sequence-classification head), got {type(output).__name__} with logits "
+            f"of shape {shape}"
+        )
+    return logits
+
+
+def _reward_columns(
+    scores: Any, rows: int, hf_head: bool, label_index: int | None, source: str
+) -> torch.Tensor:
+    """``[rows]`` or ``[rows, K]`` rewards from a scorer's output.
+
+    ``hf_head``: the scores are a Hugging Face classification head's ``[B, L]`` logits, whose
+    single column is the reward (several need ``label_index``)."""
+    if hf_head and label_index is None:
+        if scores.shape[-1] != 1:
             raise ValueError(
-                f"a Hugging Face reward model must return .logits of shape [B, L] = [{rows}, L] "
-                f"(a sequence-classification head), got {type(output).__name__} with logits "
-                f"of shape {shape}"
+                f"the reward model has {scores.shape[-1]} outputs; pass label_index "
+                "to choose the reward column"
             )
-        if label_index is None:
-            if logits.shape[-1] != 1:
-                raise ValueError(
-                    f"the reward model has {logits.shape[-1]} outputs; pass label_index "
-                    "to choose the reward column"
-                )
-            return logits[:, 0]
-    else:
-        logits = output
-        if (
-            not isinstance(logits, torch.Tensor)
-            or logits.dim() not in (1, 2)
-            or logits.shape[0] != rows
-        ):
-            got = (
-                f"a tensor of shape {tuple(logits.shape)}"
-                if isinstance(logits, torch.Tensor)
-                else type(output).__name__
-            )
-            raise ValueError(
-                "a reward model module must return a tensor of shape [B] (one reward per row) "
-                f"or [B, K] (K reward components) for its [B, T] input_ids with B = {rows}, got "
-                f"{got}; a Hugging Face model must have a PretrainedConfig as .config and "
-                "return .logits"
-            )
-        if label_index is None:
-            return logits
-    if logits.dim() != 2 or not -logits.shape[-1] <= label_index < logits.shape[-1]:
-        width = logits.shape[-1] if logits.dim() == 2 else 1
+        return scores[:, 0]
+    if not hf_head and (
+        not isinstance(scores, torch.Tensor) or scores.dim() not in (1, 2) or scores.shape[0] != rows
+    ):
+        got = (
+            f"a tensor of shape {tuple(scores.shape)}"
+            if isinstance(scores, torch.Tensor)
+            else type(scores).__name__
+        )
+        hint = (
+            "; a Hugging Face model must have a PretrainedConfig as .config and return .logits"
+            if source == "a reward model module" else ""
+        )
+        raise ValueError(
+            f"{source} must return a tensor of shape [B] (one reward per row) or [B, K] "
+            f"(K reward components) for its [B, T] input_ids with B = {rows}, got {got}{hint}"
+        )
+    if label_index is None:
+        return scores
+    if scores.dim() != 2 or not -scores.shape[-1] <= label_index < scores.shape[-1]:
+        width = scores.shape[-1] if scores.dim() == 2 else 1
         raise ValueError(
             f"label_index must index the model's {width} outputs, got {label_index}"
         )
-    return logits[:, label_index]
+    return scores[:, label_index]
+
+
+def _check_scorer(scorer: Any) -> None:
+    if scorer is not None and not callable(scorer):
+        raise TypeError(
+            "scorer must be None or callable as scorer(model, input_ids, attention_mask) -> "
+            f"[B] or [B, K], got {type(scorer).__name__}"
+        )
 
 
 def compute_reward_model_score(
@@ -179,6 +217,7 @@ def compute_reward_model_score(
     template_fn: TemplateFn | None = None,
     label_index: int | None = None,
     padding_side: str | None = None,
+    scorer: Scorer | None = None,
 ) -> torch.Tensor:
     """Score prompt/completion pairs with a reward model, batched.
 
@@ -217,6 +256,10 @@ def compute_reward_model_score(
         (Hugging Face) or keeps all ``K`` columns (a plain module returning ``[B, K]``).
       padding_side: ``"left"`` or ``"right"``; ``None`` = right for Hugging Face models, left
         for plain modules.
+      scorer: ``scorer(model, input_ids [b, T], attention_mask [b, T]) -> [b] | [b, K]``, how
+        a padded batch is scored (seed 003's ``scorer``); ``None`` is
+        ``score_with_reward_model``. A replacement may read any output of any model, e.g. a
+        judge LM's log-probability of "Yes"; ``label_index`` then picks one of its columns.
 
     Returns:
       ``[B]`` float32 scores on the CPU, in the order of the inputs (``[0]`` for empty inputs),
@@ -231,6 +274,7 @@ def compute_reward_model_score(
         raise TypeError(f"label_index must be None or an int, got {type(label_index).__name__}")
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
+    _check_scorer(scorer)
     if not callable(model) or not hasattr(model, "parameters"):
         raise TypeError(
             "model must be an nn.Module: a Hugging Face sequence-classification model or a "
@@ -256,6 +300,7 @@ def compute_reward_model_score(
     left = (padding_side or ("right" if hf else "left")) == "left"
 
     device = _model_device(model)
+    source = "a reward model module" if scorer is None else "scorer"
     order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]), reverse=True)
     scores: torch.Tensor | None = None
     was_training = model.training
@@ -264,10 +309,13 @@ def compute_reward_model_score(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                output = _score_batch(
-                    model, [token_ids[i] for i in rows], pad_id, device, left=left, hf=hf
+                input_ids, attention_mask = _padded_batch(
+                    [token_ids[i] for i in rows], pad_id, device, left=left
                 )
-                column = _reward_columns(output, len(rows), hf, label_index).float().cpu()
+                output = (scorer or score_with_reward_model)(model, input_ids, attention_mask)
+                column = _reward_columns(
+                    output, len(rows), hf and scorer is None, label_index, source
+                ).float().cpu()
                 if scores is None:
                     scores = torch.empty((len(texts), *column.shape[1:]), dtype=torch.float32)
                 elif column.shape[1:] != scores.shape[1:]:
@@ -308,17 +356,11 @@ def _check_scored_lengths(token_ids: list[list[int]], context: int | None) -> No
             )
 
 
-def _score_batch(
-    model: Any,
-    token_ids: list[list[int]],
-    pad_id: int | None,
-    device: torch.device,
-    *,
-    left: bool,
-    hf: bool,
-) -> Any:
-    """The model's output on one batch padded to its longest (first) row, on the left or the
-    right; a Hugging Face model is called with keywords, a plain module positionally."""
+def _padded_batch(
+    token_ids: list[list[int]], pad_id: int | None, device: torch.device, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [b, T], attention_mask [b, T])``: rows padded to the longest (first) row,
+    on the left or the right."""
     width = len(token_ids[0])
     filler = 0 if pad_id is None else pad_id
     padded, mask = [], []
@@ -328,10 +370,7 @@ def _score_batch(
         padded.append(fill + ids if left else ids + fill)
         mask.append(zeros + ones if left else ones + zeros)
     input_ids = torch.tensor(padded, dtype=torch.long, device=device)
-    attention_mask = torch.tensor(mask, dtype=torch.long, device=device)
-    if hf:
-        return model(input_ids=input_ids, attention_mask=attention_mask)
-    return model(input_ids, attention_mask)
+    return input_ids, torch.tensor(mask, dtype=torch.long, device=device)
 
 
 def create_batch_reward_model_fn(
@@ -341,6 +380,7 @@ def create_batch_reward_model_fn(
     template_fn: TemplateFn | None = None,
     label_index: int | None = None,
     padding_side: str | None = None,
+    scorer: Scorer | None = None,
 ) -> Callable[..., list[Any]]:
     """A TRL-style batch reward function backed by a reward model.
 
@@ -350,6 +390,7 @@ def create_batch_reward_model_fn(
     list of ``K`` floats for a module returning ``[B, K]``. Wrap it with the rewards module's
     TRL adapter to use it as a per-rollout ``reward_fn``.
     """
+    _check_scorer(scorer)
 
     def reward_model_batch_fn(
         prompts: Sequence[str], completions: Sequence[str], **kwargs: Any
@@ -357,7 +398,7 @@ def create_batch_reward_model_fn(
         del kwargs  # dataset columns a TRL-style caller may pass along
         scores = compute_reward_model_score(
             model, tokenizer, prompts, completions, batch_size, template_fn, label_index,
-            padding_side,
+            padding_side, scorer,
         )
         return scores.tolist()
 
@@ -371,6 +412,7 @@ def create_reward_model_fn(
     template_fn: TemplateFn | None = None,
     label_index: int | None = None,
     padding_side: str | None = None,
+    scorer: Scorer | None = None,
 ) -> Callable[[Rollout], Any]:
     """A ``reward_fn(rollout) -> float`` scoring ``rollout.prompt`` + ``rollout.generation.text``.
 
@@ -386,6 +428,7 @@ def create_reward_model_fn(
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_scorer(scorer)
 
     def score_rollouts(rollouts: Sequence[Rollout]) -> list[float]:
         for i, rollout in enumerate(rollouts):
@@ -400,6 +443,7 @@ def create_reward_model_fn(
             template_fn,
             label_index,
             padding_side,
+            scorer,
         )
         return scores.tolist()
 

@@ -50,7 +50,12 @@ from rlprim.batching import (
 from rlprim.critic import create_value_model, get_values
 from rlprim.distributed import DataParallel, current_data_parallel, unwrap_model
 from rlprim.inference import hf_generator
-from rlprim.kl import compute_per_token_kl, create_reference_model, update_reference_model
+from rlprim.kl import (
+    _frozen_reference,
+    compute_per_token_kl,
+    create_reference_model,
+    update_reference_model,
+)
 from rlprim.logprobs import get_logprobs, get_reference_logprobs
 from rlprim.rewards import apply_reward_shaping, compute_batch_rewards
 from rlprim.rollouts import create_batch_rollouts, sample_until_informative
@@ -97,11 +102,13 @@ def create_training_state(
     value_model: torch.nn.Module | None = None,
     scheduler: Any = None,
     registry: Mapping[str, Any] = ALGORITHMS,
+    ref_model_fn: Callable[[torch.nn.Module], torch.nn.Module] = create_reference_model,
 ) -> TrainingState:
     """A ``TrainingState`` ready for ``train``: reference and critic built when needed.
 
-    The reference model is a frozen copy of the policy (``create_reference_model``) when the
-    algorithm needs one (``requires_reference_model``: β > 0 or DPO) and none is given; the
+    The reference model is ``ref_model_fn(policy)`` (default ``create_reference_model``, a
+    frozen copy of the policy), frozen, when the algorithm needs one
+    (``requires_reference_model``: β > 0 or DPO) and none is given; the
     critic is ``create_value_model(policy)`` when the algorithm trains one. The default
     optimizer is AdamW over the policy's (and critic's) trainable parameters.
 
@@ -115,14 +122,21 @@ def create_training_state(
       value_model: a critic to use instead of ``create_value_model(policy)``.
       scheduler: an optional learning-rate scheduler stepped after each update.
       registry: where to look the algorithm up.
+      ref_model_fn: ``fn(policy) -> ref_model`` (seed 003's ``ref_model_fn``), e.g. a loader
+        of a separate SFT checkpoint; its result must share no storage with the policy.
     Returns:
       ``TrainingState(step=0, iteration=0, kl_coef=config.kl_coef, loader_state={"position": 0})``.
     """
     config = algorithm_config or create_algorithm_config("grpo", registry=registry)
     validate_algorithm_config(config)
     algorithm = get_algorithm(config.name, registry)
+    if not callable(ref_model_fn):
+        raise TypeError(
+            f"ref_model_fn must be callable as fn(policy) -> ref_model, got "
+            f"{type(ref_model_fn).__name__}"
+        )
     if ref_model is None and requires_reference_model(config, registry):
-        ref_model = create_reference_model(policy)
+        ref_model = _frozen_reference(ref_model_fn(policy), policy, "ref_model_fn")
     if value_model is None and algorithm.needs_value:
         value_model = create_value_model(policy)
     if optimizer is None:
@@ -227,6 +241,7 @@ class _StepSettings(NamedTuple):
     loss_fn: Callable[..., Any] | None
     kl_fn: Callable[..., Any] | None
     pair_selector: Callable[..., Any] | None
+    values: Callable[..., Any] = get_values
 
 
 class _Passes(NamedTuple):
@@ -297,7 +312,7 @@ def _micro_batch_loss(
         if state.value_model is None:
             name = settings.config.name
             raise ValueError(f"algorithm {name!r} needs state.value_model, got None")
-        extras["new_values"] = get_values(state.value_model, input_ids, attention_mask, tc)
+        extras["new_values"] = settings.values(state.value_model, input_ids, attention_mask, tc)
     loss, metrics = compute_loss_by_algorithm(
         settings.config, mb, new_logprobs, registry=settings.registry, loss_fn=settings.loss_fn,
         **extras,
@@ -316,7 +331,7 @@ def _idle_pass(state: TrainingState, settings: _StepSettings, parallel: DataPara
         state.policy, ids, mask, temperature=settings.temperature, completion_length=1
     ).sum()
     if parallel.is_sharded(state.value_model):
-        loss = loss + get_values(state.value_model, ids, mask, 1).sum()
+        loss = loss + settings.values(state.value_model, ids, mask, 1).sum()
     (loss * 0.0).backward()
 
 
@@ -489,6 +504,7 @@ def training_step(
     kl_fn: Callable[..., Any] | None = None,
     pair_selector: Callable[..., Any] | None = None,
     *,
+    value_fn: Callable[..., Any] | None = None,
     data_parallel: DataParallel | None = None,
 ) -> tuple[TrainingState, TrainingStats]:
     """One optimizer update over ``batch``, with gradient accumulation and a finiteness guard.
@@ -518,6 +534,7 @@ def training_step(
       logprob_extractor: replacement for ``get_logprobs`` with its signature.
       kl_fn: a ``KLFn`` for the loss's KL term instead of ``config.kl_estimator``.
       pair_selector: ``fn(rewards [B], group_size) -> (chosen [P], rejected [P])`` for DPO.
+      value_fn: a ``ValueFn`` replacing ``get_values`` for the critic's new values.
       data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``(state._replace(step=step + 1), stats)``; ``step`` advances even when skipped.
@@ -529,6 +546,7 @@ def training_step(
     settings = _StepSettings(
         config, get_algorithm(config.name, registry), temperature,
         logprob_extractor or get_logprobs, registry, loss_fn, kl_fn, pair_selector,
+        value_fn or get_values,
     )
     micro, weights = _weighted_micro_batches(batch, config, parallel)
     state.optimizer.zero_grad(set_to_none=True)
@@ -689,6 +707,26 @@ def _global_sampling_stats(
     return result
 
 
+def _global_tool_stats(summary: Any, parallel: DataParallel) -> dict[str, float]:
+    """``tools/<name>``: a tool tracker's numeric values, averaged over ranks (one
+    ``all_reduce``; none when the ranks' names differ, so every rank reports the same)."""
+    if not isinstance(summary, Mapping):
+        raise TypeError(
+            f"tool_tracker must return a mapping of names to values, got {type(summary).__name__}"
+        )
+    names = sorted(
+        str(k) for k, v in summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+    values = {str(k): v for k, v in summary.items()}
+    tag = _names_tag(names)
+    ranks, tag_sum, tag_squares = (int(x) for x in parallel.all_reduce([1.0, tag, tag * tag]))
+    if ranks * tag_squares != tag_sum * tag_sum:  # ranks disagree on the names
+        return {}
+    sums = parallel.all_reduce([float(values[n]) for n in names]) if names else []
+    return {f"tools/{n}": v / ranks for n, v in zip(names, sums, strict=True)}
+
+
 def _scored_rollouts(
     state, prompts, gen_config, config, reward_fn, generator, aggregator, shaping_fn,
     group_offset,
@@ -725,6 +763,7 @@ def sample_and_score(
     *,
     aggregator: Callable[..., Any] | None = None,
     shaping_fn: Callable[..., Any] | None = None,
+    tool_tracker: Callable[..., Mapping[str, Any]] | None = None,
     data_parallel: DataParallel | None = None,
 ) -> SampleResult:
     """Phase 1: sample ``G`` completions per prompt, score them, and batch them.
@@ -751,6 +790,9 @@ def sample_and_score(
       generator: ``generator(model, tokenizer, prompts, config) -> list[Generation]``.
       aggregator: reduces vector rewards ``[B, K] -> [B]``.
       shaping_fn: ``fn(rewards [B], lengths [B]) -> rewards [B]``.
+      tool_tracker: ``fn(rollouts) -> {name: value}`` (e.g. ``track_tool_calls``); its int
+        and float values join ``stats`` as ``tools/<name>``, averaged over ranks (none are
+        reported when ranks return different names). Other values are left out.
       data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``SampleResult(rollouts, batch, rewards [N], completion_mask [N, Tc], row_counts, stats,
@@ -769,6 +811,8 @@ def sample_and_score(
         )
     seconds = time.perf_counter() - start
     stats = _global_sampling_stats(stats, parallel)
+    if tool_tracker is not None:
+        stats.update(_global_tool_stats(tool_tracker(rollouts), parallel))
     if parallel.all_reduce([1.0 if rollouts else 0.0], "min")[0] == 0:
         return SampleResult([], None, None, None, [], stats, seconds)
     batch = rollouts_to_batch(rollouts, state.tokenizer)
@@ -908,6 +952,7 @@ def values_and_advantages(
     *,
     registry: Mapping[str, Any] = ALGORITHMS,
     advantage_fn: Callable[..., Any] | None = None,
+    value_fn: Callable[..., Any] | None = None,
     data_parallel: DataParallel | None = None,
 ) -> AdvantageResult:
     """Phase 3: the critic's values (when the algorithm has one) and the advantages.
@@ -930,6 +975,7 @@ def values_and_advantages(
       group_size: completions per prompt ``G``.
       registry: where to look the algorithm up.
       advantage_fn: replaces the registry's advantage function.
+      value_fn: a ``ValueFn`` replacing ``get_values`` (seed 003's ``value_fn``).
       data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``AdvantageResult(batch with advantages, returns and values, seconds)``.
@@ -943,7 +989,7 @@ def values_and_advantages(
             raise ValueError(f"algorithm {config.name!r} needs state.value_model, got None")
         input_ids, attention_mask = _model_inputs(batch)
         with torch.no_grad(), parallel.gathered_parameters(state.value_model):
-            values = get_values(
+            values = (value_fn or get_values)(
                 state.value_model, input_ids, attention_mask, batch.completion_ids.shape[1],
                 batch.completion_mask,
             )
@@ -1004,6 +1050,7 @@ def update_policy(
     logprob_extractor: Callable[..., Any] | None = None,
     kl_fn: Callable[..., Any] | None = None,
     pair_selector: Callable[..., Any] | None = None,
+    value_fn: Callable[..., Any] | None = None,
     data_parallel: DataParallel | None = None,
 ) -> UpdateResult:
     """Phase 4: ``num_epochs`` × minibatches of ``training_step`` on ``batch``.
@@ -1022,8 +1069,8 @@ def update_policy(
       row_counts: ``[B_0, B_1, …]`` rows per rank (``SampleResult.row_counts``); ``None``
         gathers them.
       temperature: the sampling temperature.
-      loss_fn, optimizer_step_fn, registry, logprob_extractor, kl_fn, pair_selector: passed
-        to ``training_step``.
+      loss_fn, optimizer_step_fn, registry, logprob_extractor, kl_fn, pair_selector,
+        value_fn: passed to ``training_step``.
       data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``UpdateResult(state, step_stats, seconds)``.
@@ -1046,7 +1093,8 @@ def update_policy(
             state, stats = training_step(
                 state, minibatch, config, loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn,
                 temperature=temperature, registry=registry, logprob_extractor=logprob_extractor,
-                kl_fn=kl_fn, pair_selector=pair_selector, data_parallel=parallel,
+                kl_fn=kl_fn, pair_selector=pair_selector, value_fn=value_fn,
+                data_parallel=parallel,
             )
             step_stats.append(stats)
     return UpdateResult(state, step_stats, time.perf_counter() - start)
@@ -1177,6 +1225,8 @@ def training_iteration(
     logprob_extractor: Callable[..., Any] | None = None,
     kl_fn: Callable[..., Any] | None = None,
     pair_selector: Callable[..., Any] | None = None,
+    value_fn: Callable[..., Any] | None = None,
+    tool_tracker: Callable[..., Mapping[str, Any]] | None = None,
     data_parallel: DataParallel | None = None,
 ) -> tuple[TrainingState, TrainingStats]:
     """One RL iteration: the five phases in order, each a public function.
@@ -1223,6 +1273,9 @@ def training_iteration(
       kl_fn: a ``KLFn`` replacing ``config.kl_estimator`` everywhere (statistics, KL in the
         reward, KL in the loss).
       pair_selector: DPO's pair selection (see ``dpo_loss_fn``).
+      value_fn: a ``ValueFn`` replacing ``get_values`` (old and new values of the critic).
+      tool_tracker: a ``ToolTracker`` (e.g. ``track_tool_calls``) whose numeric values join
+        ``stats.extra`` as ``tools/<name>``.
       data_parallel: the collectives (``None``: ``current_data_parallel()``).
     Returns:
       ``(new_state, stats)`` with the iteration's statistics and phase timings.
@@ -1235,7 +1288,8 @@ def training_iteration(
 
     samples = sample_and_score(
         state, prompts, gen_config, config, reward_fn, generator,
-        aggregator=aggregator, shaping_fn=shaping_fn, data_parallel=parallel,
+        aggregator=aggregator, shaping_fn=shaping_fn, tool_tracker=tool_tracker,
+        data_parallel=parallel,
     )
     if samples.batch is None:  # some rank has nothing to train on: every rank skips together
         extra = {"no_informative_groups": 1.0, **samples.stats}
@@ -1250,13 +1304,13 @@ def training_iteration(
     )
     advantages = values_and_advantages(
         state, samples, reference, config, gen_config.num_samples, registry=registry,
-        advantage_fn=advantage_fn, data_parallel=parallel,
+        advantage_fn=advantage_fn, value_fn=value_fn, data_parallel=parallel,
     )
     update = update_policy(
         state, advantages.batch, config, samples.row_counts, temperature=temperature,
         loss_fn=loss_fn, optimizer_step_fn=optimizer_step_fn, registry=registry,
         logprob_extractor=logprob_extractor, kl_fn=kl_fn, pair_selector=pair_selector,
-        data_parallel=parallel,
+        value_fn=value_fn, data_parallel=parallel,
     )
     state = refresh_reference(
         update.state, ref_model_update_fn, kl_controller,

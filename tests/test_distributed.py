@@ -176,6 +176,11 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, job):
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5, abs=1e-7)
     if job in ("token_mean", "fsdp"):
         assert stats0["kl_coef"] != 0.05  # the adaptive controller moved β, identically
+    if job == "token_mean":  # a tool tracker's values are averaged over ranks
+        for one, two in zip(stats_single["stats"], stats0["stats"], strict=True):
+            assert (one["extra"]["tools/rank"], one["extra"]["tools/rollouts"]) == (0.0, 20.0)
+            assert (two["extra"]["tools/rank"], two["extra"]["tools/rollouts"]) == (0.5, 10.0)
+            assert "tools/ids" not in one["extra"]
     if job == "tis":  # the TIS diagnostics are those of the global batch
         for one, two in zip(stats_single["stats"], stats0["stats"], strict=True):
             names = {k for k in one["extra"] if k.startswith("tis_")}

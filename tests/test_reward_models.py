@@ -15,6 +15,7 @@ from rlprim.reward_models import (
     create_reward_model_fn,
     load_reward_model,
 )
+from rlprim.reward_models import score_with_reward_model as rp_score
 from rlprim.rewards import compute_batch_rewards, weighted_sum
 from rlprim.testing import (
     TINY_ARCHS,
@@ -360,3 +361,53 @@ def test_plain_module_of_another_shape_gets_an_error_naming_the_shape(tokenizer,
         compute_reward_model_score(
             BagOfTokens(), tokenizer, PROMPTS[:2], COMPLETIONS[:2], padding_side="middle"
         )
+
+
+# --------------------------------------------------------------------------- scorer (seed 003)
+
+
+def test_scorer_sees_the_padded_batch_and_defines_the_score(reward_models, tokenizer):
+    model = reward_models["qwen2"]
+    texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    lengths = torch.tensor([float(len(tokenizer(t)["input_ids"])) for t in texts])
+
+    def token_count(model, input_ids, attention_mask):  # the mask it gets marks real tokens
+        return attention_mask.sum(-1).float()
+
+    for batch_size in (1, 2, 8):
+        scores = compute_reward_model_score(
+            model, tokenizer, PROMPTS, COMPLETIONS, batch_size, scorer=token_count
+        )
+        torch.testing.assert_close(scores, lengths, rtol=0, atol=0)
+
+    def both(model, input_ids, attention_mask):  # [B, 2]: the model's score and the length
+        default = rp_score(model, input_ids, attention_mask)[:, 0]
+        return torch.stack([default, attention_mask.sum(-1).float()], dim=-1)
+
+    pair = compute_reward_model_score(model, tokenizer, PROMPTS, COMPLETIONS, 2, scorer=both)
+    torch.testing.assert_close(pair[:, 0], unbatched_scores(model, tokenizer, texts),
+                               atol=1e-4, rtol=1e-4)
+    second = compute_reward_model_score(
+        model, tokenizer, PROMPTS, COMPLETIONS, 2, label_index=1, scorer=both
+    )
+    torch.testing.assert_close(second, lengths, rtol=0, atol=0)
+    rollouts = [
+        Rollout(p, Generation(c, (), (), None, "stop"))
+        for p, c in zip(PROMPTS, COMPLETIONS, strict=True)
+    ]
+    reward_fn = create_reward_model_fn(model, tokenizer, 3, scorer=token_count)
+    assert reward_fn.batched(rollouts) == lengths.tolist()
+    batch_fn = create_batch_reward_model_fn(model, tokenizer, scorer=token_count)
+    assert batch_fn(PROMPTS, COMPLETIONS) == lengths.tolist()
+
+
+def test_a_bad_scorer_gets_an_error_naming_it(reward_models, tokenizer):
+    model = reward_models["llama"]
+    with pytest.raises(ValueError, match=r"scorer must return a tensor of shape \[B\].*\(2, 2, 1\)"):
+        compute_reward_model_score(
+            model, tokenizer, PROMPTS[:2], COMPLETIONS[:2],
+            scorer=lambda m, ids, mask: torch.zeros(ids.shape[0], 2, 1),
+        )
+    for build in (create_reward_model_fn, create_batch_reward_model_fn):
+        with pytest.raises(TypeError, match="scorer must be None or callable"):
+            build(model, tokenizer, scorer="logits")

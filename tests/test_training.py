@@ -940,3 +940,80 @@ def test_write_your_own_iteration_gives_training_iterations_weights(tokenizer):
         assert mine.step == theirs.step == 16  # 16 rows, minibatches of 4, 2 epochs, twice
         assert same_params(params_of(mine.policy), params_of(theirs.policy))
         assert same_params(params_of(mine.ref_model), params_of(theirs.ref_model))
+
+
+# ---------------------------------------------------------------- seed 003's extension names
+
+
+def test_value_fn_gives_the_old_values_and_the_value_losses_new_values(tokenizer):
+    state, config = phase_state(tokenizer, "ppo", whiten_advantages=False)
+    with torch.no_grad():  # the critic's head starts at zero: give it values to compare
+        head = state.value_model.score.weight
+        head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    calls = []
+
+    def doubled_values(value_model, input_ids, attention_mask, completion_length,
+                       completion_mask=None):
+        calls.append(completion_mask is None)
+        return 2.0 * rp.get_values(value_model, input_ids, attention_mask, completion_length,
+                                   completion_mask)
+
+    samples = rp.sample_and_score(state, PROMPTS[:2], GEN_T, config, VARIED)
+    reference = rp.reference_and_kl(state, samples, config, T_PHASES)
+    plain = rp.values_and_advantages(state, samples, reference, config, 4).batch
+    doubled = rp.values_and_advantages(
+        state, samples, reference, config, 4, value_fn=doubled_values
+    ).batch
+    assert calls == [False]  # the old values: one call, with the completion mask
+    torch.testing.assert_close(doubled.values, 2.0 * plain.values, rtol=0, atol=0)
+    assert float(plain.values.abs().max()) > 1e-3  # the comparison is not 0 == 0
+    # The new values of the value loss come from value_fn too (no completion mask there).
+    _, stats = rp.training_iteration(
+        state, PROMPTS[:2], GEN_T, config, VARIED, value_fn=doubled_values
+    )
+    assert calls[1] is False and True in calls[2:]
+    assert math.isfinite(stats.value_loss)
+
+
+def test_tool_tracker_values_join_the_stats(tokenizer):
+    state, config = make_state(tokenizer, "grpo")
+    rows = []
+
+    def tracker(rollouts):
+        rows.append(len(rollouts))
+        lengths = [len(r.generation.token_ids) for r in rollouts]
+        return {"rows": len(rollouts), "mean_length": sum(lengths) / len(lengths),
+                "per_tool": {"calc": 1}, "flag": True}
+
+    _, stats = rp.training_iteration(
+        state, PROMPTS[:2], GEN, config, VARIED, tool_tracker=tracker
+    )
+    tools = {k: v for k, v in stats.extra.items() if k.startswith("tools/")}
+    assert set(tools) == {"tools/rows", "tools/mean_length"}  # dicts and bools left out
+    assert tools["tools/rows"] == 8.0 == rows[0]
+    assert tools["tools/mean_length"] == stats.num_tokens / 8
+    _, stats = rp.training_iteration(
+        state, PROMPTS[:2], GEN, config, VARIED, tool_tracker=rp.track_tool_calls
+    )
+    assert stats.extra["tools/num_rollouts"] == 8.0 and stats.extra["tools/total_calls"] == 0.0
+    with pytest.raises(TypeError, match="tool_tracker must return a mapping"):
+        rp.training_iteration(state, PROMPTS[:2], GEN, config, VARIED, tool_tracker=len)
+
+
+def test_ref_model_fn_builds_the_frozen_reference(tokenizer):
+    config = rp.create_algorithm_config("grpo", kl_coef=0.1)
+    policy, sft = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
+    state = rp.create_training_state(
+        policy, tokenizer, config, ref_model_fn=lambda p: sft
+    )
+    assert state.ref_model is sft and not sft.training
+    assert not any(p.requires_grad for p in sft.parameters())
+    default = rp.create_training_state(tiny_model("qwen2", seed=0), tokenizer, config)
+    assert same_params(params_of(default.ref_model), params_of(policy))  # a frozen copy
+    with pytest.raises(ValueError, match="ref_model_fn returned a model that shares"):
+        rp.create_training_state(policy, tokenizer, config, ref_model_fn=lambda p: p)
+    with pytest.raises(TypeError, match="ref_model_fn must return the reference model"):
+        rp.create_training_state(policy, tokenizer, config, ref_model_fn=lambda p: None)
+    with pytest.raises(TypeError, match="ref_model_fn must be callable"):
+        rp.create_training_state(policy, tokenizer, config, ref_model_fn="copy")
+    assert all(p.requires_grad for p in policy.parameters())  # the failures froze nothing

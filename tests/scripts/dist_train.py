@@ -122,6 +122,11 @@ def nan_on_rank_one(batch, new_logprobs, config, **extras):
     return loss, metrics
 
 
+def rank_tracker(rollouts):
+    """A tool tracker whose values differ by rank (the job reports their mean over ranks)."""
+    return {"rank": get_distributed_info().rank, "rollouts": len(rollouts), "ids": [1, 2]}
+
+
 def zero_for_zero_plus(rollout):
     """``reward``, except that prompts ``0+b=`` always score 0: their groups never vary."""
     return 0.0 if rollout.prompt.startswith("0+") else reward(rollout)
@@ -214,6 +219,7 @@ def run_iterations(out_dir: str, job: str) -> None:
             counted_reward, engine_generator if job == "tis" else prompt_generator,
             kl_controller=controller, ref_model_update_fn=ema,
             loss_fn=nan_on_rank_one if job.endswith("nan") else None,
+            tool_tracker=rank_tracker if job == "token_mean" else None,
         )
         stats.append({**_clean(s), "local_rollouts_scored": len(scored)})
         if job.endswith("nan") and iteration in (0, 1):
